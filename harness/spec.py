@@ -1,0 +1,345 @@
+"""The spec language: reading, schema validation and expansion into a flat node list.
+
+A spec's ``layers`` is a sequence of items; each item takes the previous item's output
+unless it names ``inputs``. Items:
+
+* ``{"op": OP, "name"?, "inputs"?, ATTRS...}``: one node of the op table.
+* ``{"block": ID, "name"?, "args"?}``: a call of a reusable block (``blocks`` section); the
+  block's body is a sequence in the scope ``name``; ``"$arg"`` strings in it are replaced by
+  the call's argument values (plain data substitution, no expressions).
+* ``{"repeat": N, "name"?, "start"?, "block"|"body", "args"?, "first"?, "each"?}``: N copies
+  named ``start``, ``start+1``...; ``args`` for every copy, ``first`` overriding them in the
+  first, ``each`` a list of N values per argument.
+* ``{"seq": [...], "name"?}``: a named sub-sequence.
+* ``{"add"|"concat"|"mul": [BRANCH, ...], "name"?}``: branches fed the same input and merged;
+  a branch is a list of items (empty = identity) or ``{"name", "body"}`` (name ``""`` keeps
+  the branch in the enclosing scope).
+* ``{"aux": [...], "name", "weight"}``: a side output (auxiliary head) with its loss weight,
+  run in training only; the input passes through.
+* A list (spliced in) or ``"$arg"`` standing for a list of items.
+
+Names: an item without a name is named by its index in its sequence; node names join
+scopes with dots (``layer3.2.conv1``). ``inputs`` entries are resolved lexically (the
+innermost scope first, then outwards); ``"@input"`` is the input of the enclosing sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+from .ops import OPS
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "specs" / "spec.schema.json"
+ITEM_KEYS = ("op", "block", "repeat", "seq", "aux", "add", "concat", "mul")
+MERGES = ("add", "concat", "mul")
+
+
+@dataclass
+class RawNode:
+    """A node as expanded from a spec, before shape inference."""
+
+    name: str
+    op: str
+    attrs: dict
+    inputs: list[str]
+    refs: list[str] | None  # explicit references still to resolve, else None
+    scope: str
+    path: str
+    chain: tuple[str, ...] = ()
+    train_only: bool = False
+
+    def where(self) -> str:
+        """JSON path plus the block calls that led here."""
+        if not self.chain:
+            return self.path
+        return f"{self.path} (via {' > '.join(self.chain)})"
+
+
+@dataclass
+class Expansion:
+    """Result of expanding a spec document."""
+
+    nodes: list[RawNode]
+    output: str
+    aux: list[tuple[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_document(path: str | Path) -> dict:
+    """Reads and schema-checks a spec file; raises SpecError with a JSON path."""
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("no such file", file=file) from None
+    except IsADirectoryError:
+        raise SpecError("is a directory, not a spec file", file=file) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read: {e}", file=file) from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=file) from None
+    validate_document(doc, file)
+    return doc
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate_document(doc: Any, file: str) -> None:
+    """Checks a parsed spec against specs/spec.schema.json."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+    if error is None:
+        return
+    where = error.json_path
+    # Point at the item, with a message a person can act on, when no item kind matched.
+    item = error.instance if isinstance(error.instance, dict) else None
+    if item is not None and error.validator in ("oneOf", "additionalProperties", "required", "maxProperties") \
+            and not any(k in item for k in ITEM_KEYS) and where.startswith("$.") and where != "$":
+        top_level = where.count(".") == 1 and "[" not in where
+        if not top_level:
+            raise SpecError(f"an item needs one of the keys {', '.join(ITEM_KEYS)}; got {sorted(item)}",
+                            file=file, path=where)
+    message = error.message
+    if error.validator == "oneOf" and isinstance(error.instance, dict):
+        present = [k for k in ITEM_KEYS if k in error.instance]
+        if len(present) > 1:
+            message = f"an item takes only one of {', '.join(ITEM_KEYS)}; got {', '.join(present)}"
+    raise SpecError(f"schema: {message}", file=file, path=where)
+
+
+# --------------------------------------------------------------------------- substitution
+
+
+def is_argref(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("$") and len(value) > 1
+
+
+def substitute(value: Any, env: dict) -> Any:
+    """Replaces every ``"$name"`` bound in ``env`` by its value; leaves unbound ones."""
+    if is_argref(value):
+        key = value[1:]
+        return copy.deepcopy(env[key]) if key in env else value
+    if isinstance(value, list):
+        return [substitute(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute(v, env) for k, v in value.items()}
+    return value
+
+
+def find_unbound(value: Any, path: str) -> tuple[str, str] | None:
+    """The first ``"$name"`` left in a value, with its path, or None."""
+    if is_argref(value):
+        return value[1:], path
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            hit = find_unbound(v, f"{path}[{i}]")
+            if hit:
+                return hit
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = find_unbound(v, f"{path}.{k}")
+            if hit:
+                return hit
+    return None
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+class Expander:
+    """Expands a checked spec document into RawNodes (see module docs)."""
+
+    def __init__(self, doc: dict, file: str):
+        self.doc = doc
+        self.file = file
+        self.blocks = doc.get("blocks", {})
+        self.defaults = doc.get("defaults", {})
+        self.nodes: list[RawNode] = []
+        self.where: dict[str, str] = {}
+        self.aux: list[tuple[str, float]] = []
+
+    def error(self, reason: str, path: str, chain: tuple[str, ...] = ()) -> SpecError:
+        if chain:
+            path = f"{path} (via {' > '.join(chain)})"
+        return SpecError(reason, file=self.file, path=path)
+
+    def check_bound(self, value: Any, path: str, chain) -> None:
+        hit = find_unbound(value, path)
+        if hit:
+            raise self.error(f"missing block argument '{hit[0]}'", hit[1], chain)
+
+    def add_node(self, node: RawNode) -> str:
+        if node.name in self.where:
+            raise SpecError(f"duplicate node name '{node.name}' (first defined at {self.where[node.name]})",
+                            file=self.file, path=node.where())
+        self.where[node.name] = node.where()
+        self.nodes.append(node)
+        return node.name
+
+    def expand(self, overrides: dict | None = None) -> Expansion:
+        env = dict(self.doc.get("args", {}))
+        for key, value in (overrides or {}).items():
+            if key not in env:
+                raise SpecError(f"the spec has no argument '{key}' (args: {', '.join(env) or 'none'})",
+                                file=self.file, path="$.args")
+            env[key] = value
+        self.add_node(RawNode("input", "input", {}, [], None, "", "$.input"))
+        out = self.sequence(self.doc["layers"], "$.layers", "", env, "input", (), False)
+        return Expansion(self.nodes, out, self.aux)
+
+    @staticmethod
+    def join(scope: str, name: str) -> str:
+        return f"{scope}.{name}" if scope and name else (scope or name)
+
+    def sequence(self, items, path, scope, env, inp, chain, train_only) -> str:
+        items = substitute(items, env)
+        if is_argref(items):
+            raise self.error(f"missing block argument '{items[1:]}'", path, chain)
+        if not isinstance(items, list):
+            raise self.error(f"expected a list of items, got {type(items).__name__}", path, chain)
+        cur = inp
+        for i, item in enumerate(items):
+            cur = self.item(item, f"{path}[{i}]", scope, str(i), env, cur, inp, chain, train_only)
+        return cur
+
+    def item(self, item, path, scope, index, env, cur, seq_input, chain, train_only) -> str:
+        if isinstance(item, list):
+            return self.sequence(item, path, self.join(scope, index), env, cur, chain, train_only)
+        if is_argref(item):
+            raise self.error(f"missing block argument '{item[1:]}'", path, chain)
+        if not isinstance(item, dict):
+            raise self.error(f"an item is an object or a list, got {item!r}", path, chain)
+        kinds = [k for k in ITEM_KEYS if k in item]
+        if "repeat" in item and kinds == ["block", "repeat"]:
+            kinds = ["repeat"]  # a repeat names the block it repeats
+        if len(kinds) != 1:
+            raise self.error(f"an item needs exactly one of the keys {', '.join(ITEM_KEYS)}; got {sorted(item)}",
+                             path, chain)
+        kind = kinds[0]
+        name = substitute(item.get("name", index), env)
+        self.check_bound(name, path + ".name", chain)
+        if kind == "op":
+            return self.op(item, path, scope, name, env, cur, seq_input, chain, train_only)
+        if kind == "block":
+            args = substitute(item.get("args", {}), env)
+            self.check_bound(args, path + ".args", chain)
+            return self.call(item["block"], args, path, self.join(scope, name), cur, chain, train_only)
+        if kind == "repeat":
+            return self.repeat(item, path, self.join(scope, name), env, cur, chain, train_only)
+        if kind == "seq":
+            return self.sequence(item["seq"], path + ".seq", self.join(scope, name), env, cur, chain, train_only)
+        if kind == "aux":
+            weight = item["weight"]
+            out = self.sequence(item["aux"], path + ".aux", self.join(scope, name), env, cur, chain, True)
+            self.aux.append((out, float(weight)))
+            return cur
+        return self.merge(kind, item, path, scope, name, env, cur, chain, train_only)
+
+    def op(self, item, path, scope, name, env, cur, seq_input, chain, train_only) -> str:
+        item = substitute(item, env)
+        op = item["op"]
+        self.check_bound(op, path + ".op", chain)
+        if op not in OPS or op == "input":
+            known = ", ".join(sorted(k for k in OPS if k != "input"))
+            raise self.error(f"unknown op '{op}' (known: {known})", path + ".op", chain)
+        attrs = {k: v for k, v in item.items() if k not in ("op", "name", "inputs")}
+        defaults = self.defaults.get(op, {})
+        merged = {**defaults, **attrs}
+        if "init" in defaults and "init" in attrs and isinstance(attrs["init"], dict):
+            merged["init"] = {**defaults["init"], **attrs["init"]}
+        self.check_bound(merged, path, chain)
+        refs = None
+        inputs = [cur]
+        if "inputs" in item:
+            self.check_bound(item["inputs"], path + ".inputs", chain)
+            refs = [seq_input if r == "@input" else r for r in item["inputs"]]
+            inputs = []
+        node = RawNode(self.join(scope, name), op, merged, inputs, refs, scope, path, chain, train_only)
+        return self.add_node(node)
+
+    def call(self, block_id, args, path, scope, cur, chain, train_only) -> str:
+        if block_id not in self.blocks:
+            known = ", ".join(sorted(self.blocks)) or "none"
+            raise self.error(f"unknown block '{block_id}' (known: {known})", path + ".block", chain)
+        if any(c.startswith(f"$.blocks.{block_id}.") for c in chain) or len(chain) > 32:
+            raise self.error(f"block '{block_id}' calls itself", path, chain)
+        block = self.blocks[block_id]
+        declared = block.get("args", [])
+        defaults = block.get("defaults", {})
+        for key in defaults:
+            if key not in declared:
+                raise self.error(f"default for undeclared argument '{key}'", f"$.blocks.{block_id}.defaults")
+        for key in args:
+            if key not in declared:
+                raise self.error(f"block '{block_id}' has no argument '{key}' (args: {', '.join(declared) or 'none'})",
+                                 f"{path}.args.{key}", chain)
+        env = {**defaults, **args}
+        for key in declared:
+            if key not in env:
+                raise self.error(f"block '{block_id}' needs argument '{key}'", path, chain)
+        return self.sequence(block["body"], f"$.blocks.{block_id}.body", scope, env, cur, (*chain, path), train_only)
+
+    def repeat(self, item, path, scope, env, cur, chain, train_only) -> str:
+        item = {k: (substitute(v, env) if k != "body" else v) for k, v in item.items()}
+        self.check_bound({k: v for k, v in item.items() if k != "body"}, path, chain)
+        n = item["repeat"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise self.error(f"repeat count must be a positive integer, got {n!r}", path + ".repeat", chain)
+        each = item.get("each", {})
+        for key, values in each.items():
+            if not isinstance(values, list) or len(values) != n:
+                raise self.error(f"'each' needs a list of {n} values", f"{path}.each.{key}", chain)
+        start = item.get("start", 0)
+        for i in range(n):
+            args = {**item.get("args", {}), **(item.get("first", {}) if i == 0 else {}),
+                    **{k: v[i] for k, v in each.items()}}
+            sub = self.join(scope, str(start + i))
+            if "block" in item:
+                cur = self.call(item["block"], args, path, sub, cur, chain, train_only)
+            else:
+                shadowed = sorted(set(args) & set(env))
+                if shadowed:
+                    raise self.error(f"repeat argument '{shadowed[0]}' shadows an enclosing argument", path, chain)
+                cur = self.sequence(item["body"], path + ".body", sub, {**env, **args}, cur, chain, train_only)
+        return cur
+
+    def merge(self, kind, item, path, scope, name, env, cur, chain, train_only) -> str:
+        branches = substitute(item[kind], env)
+        if is_argref(branches):
+            raise self.error(f"missing block argument '{branches[1:]}'", f"{path}.{kind}", chain)
+        if kind == "mul" and len(branches) != 2:
+            raise self.error(f"mul takes exactly 2 branches, got {len(branches)}", f"{path}.{kind}", chain)
+        outs = []
+        for b, branch in enumerate(branches):
+            bpath = f"{path}.{kind}[{b}]"
+            if isinstance(branch, dict) and "body" in branch:
+                bscope = self.join(scope, branch.get("name", f"{name}.{b}"))
+                body, bpath = branch["body"], bpath + ".body"
+            else:
+                bscope, body = self.join(scope, f"{name}.{b}"), branch
+            outs.append(self.sequence(body, bpath, bscope, env, cur, chain, train_only))
+        node = RawNode(self.join(scope, name), kind, {}, outs, None, scope, path, chain, train_only)
+        return self.add_node(node)
+
+
+def expand(doc: dict, file: str, overrides: dict | None = None) -> Expansion:
+    """Expands a checked document into a flat list of raw nodes."""
+    return Expander(doc, file).expand(overrides)

@@ -1,0 +1,24 @@
+"""Shared fixtures and the --backend option of the conformance suite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", action="append", default=[],
+                     help="backend(s) the conformance suite runs against (repeatable)")
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Writes a spec (dict or raw text) to a file and returns its path."""
+
+    def write(content, name="tiny.json"):
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+        return path
+
+    return write

@@ -1,0 +1,50 @@
+"""Every spec in the registry: valid, counts equal to the reference table, runnable."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import reference, zoo
+
+ZOO_CSV = Path(__file__).resolve().parents[1] / "data" / "zoo.csv"  # copy of shared/reference/zoo.csv
+REFERENCE = {row["model"]: row for row in csv.DictReader(ZOO_CSV.open())}
+MODELS = zoo.names()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_spec_is_valid(model):
+    ir = zoo.validate(model)
+    assert ir.name == model
+    assert ir.meta["title"] and ir.meta["paper"] and ir.meta["reproduces"] and ir.meta["year"]
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m in REFERENCE])
+def test_counts_equal_reference_table(model):
+    ir = zoo.load(model)
+    row = REFERENCE[model]
+    assert ir.trainable_params == int(row["trainable_params"])
+    assert abs(ir.macs / 1e9 - float(row["gmacs"])) <= 0.005 * float(row["gmacs"])
+    assert "x".join(map(str, ir.input_shape)) == row["input_chw"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_reference_runs_at_test_input(model):
+    ir = zoo.load_for_test(model)
+    rng = np.random.default_rng(0)  # cheap weights: this checks that the graph executes
+    w = {p.name: rng.standard_normal(p.shape, dtype=np.float32) / np.sqrt(p.fan_in) for p in ir.params.values()}
+    w.update({k: 1 + np.abs(v) for k, v in w.items() if k.endswith("running_var")})
+    x = np.random.default_rng(0).standard_normal((1, *ir.input_shape))
+    out = reference.run(ir, w, x).outputs[0]
+    assert out.shape == (1, *ir.output_shape)
+    assert np.all(np.isfinite(out))
+
+
+def test_resnet152_style_specs_stay_short():
+    # Blocks and repetition keep the deepest networks readable.
+    for model in MODELS:
+        lines = zoo.path_of(model).read_text().count("\n")
+        assert lines < 200, f"{model}: {lines} lines"
