@@ -86,6 +86,9 @@ cmd_info.configure = _configure_info
 def cmd_validate(args) -> int:
     failed = 0
     for file in args.files:
+        if Path(file).name == "spec.schema.json":
+            print(f"{file}: skipped (the JSON Schema of specs, not a spec)")
+            continue
         try:
             if not Path(file).is_file():
                 raise SpecError("no such file", file=file) if not Path(file).exists() else \

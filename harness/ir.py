@@ -277,9 +277,10 @@ def build_ir(doc: dict, file: str, input_shape: tuple[int, ...] | None = None,
         node_params = []
         for d in decls:
             try:
-                init = check_initializer(init_over.get(d.name, d.init))
+                init = check_initializer(init_over.get(d.name, n.default_init.get(d.name, d.init)))
             except SpecError as e:
-                raise SpecError(e.reason, file=file, path=f"{n.where()}.init.{d.name}") from None
+                where = f"{n.where()}.init.{d.name}" if d.name in init_over else f"$.defaults.{n.op}.init.{d.name}"
+                raise SpecError(e.reason, file=file, path=where) from None
             full = f"{n.name}.{d.name}"
             params[full] = Param(full, n.name, d.name, tuple(d.shape), d.trainable, init, d.fan_in, d.fan_out)
             node_params.append(full)

@@ -203,7 +203,8 @@ class OpSchema:
         params: ``(input_shapes, attrs) -> [ParamDecl]``.
         macs: ``(input_shapes, output_shape, attrs) -> int`` per sample.
         reference: numpy ``(inputs, params, attrs, ctx) -> output``, batch axis first.
-        cases: Conformance cases: dicts with ``inputs`` (shapes) and ``attrs``.
+        cases: Conformance cases: dicts with ``id``, ``inputs`` (shapes) and ``attrs``, and
+            optionally ``scale`` and ``shift`` of the N(0, 1) input.
         train_only: Attribute-free marker for ops whose eval form is the identity.
     """
 
@@ -625,7 +626,12 @@ MAXPOOL2D = OpSchema(
     arity=1,
     infer=_pool_infer,
     reference=_maxpool_ref,
-    cases=_POOL_CASES,
+    cases=(*_POOL_CASES,
+           # all-negative input: zero padding instead of -inf would show at every border
+           {"id": "negative_input_asym", "inputs": [(2, 6, 6)], "attrs": {"kernel": 2, "stride": 1, "pad": [1, 0, 1, 0]},
+            "shift": -4.0},
+           {"id": "negative_input_sym", "inputs": [(2, 6, 6)], "attrs": {"kernel": 3, "stride": 2, "pad": 1},
+            "shift": -4.0}),
 )
 
 AVGPOOL2D = OpSchema(

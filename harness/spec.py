@@ -19,8 +19,18 @@ unless it names ``inputs``. Items:
 * A list (spliced in) or ``"$arg"`` standing for a list of items.
 
 Names: an item without a name is named by its index in its sequence; node names join
-scopes with dots (``layer3.2.conv1``). ``inputs`` entries are resolved lexically (the
-innermost scope first, then outwards); ``"@input"`` is the input of the enclosing sequence.
+scopes with dots (``layer3.2.conv1``). Block calls, repeats, ``seq`` items and named
+branches open scopes; a named branch ``{"name": "downsample", "body": ...}`` lives in the
+enclosing scope (as torchvision's submodules do: ``layer1.0.downsample.0``), so two merges in
+one scope need different branch names; an unnamed branch is scoped ``<merge name>.<index>``.
+``inputs`` entries are resolved lexically (the innermost scope first, then outwards);
+``"@input"`` is the input of the enclosing sequence.
+
+Arguments are lexical: a block body sees only its own arguments (pass a top-level argument
+such as ``$classes`` on explicitly); an inline ``repeat`` body or a branch sees the enclosing
+ones. A block's defaults may name its other arguments (``"$out"``). ``defaults`` gives
+attributes per op for the whole spec; its ``init`` entries apply to the parameters a node
+has (a default bias initializer is ignored on a conv without bias).
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ class RawNode:
     path: str
     chain: tuple[str, ...] = ()
     train_only: bool = False
+    default_init: dict = field(default_factory=dict)  # the spec's per-op default initializers
 
     def where(self) -> str:
         """JSON path plus the block calls that led here."""
@@ -263,8 +274,10 @@ class Expander:
         attrs = {k: v for k, v in item.items() if k not in ("op", "name", "inputs")}
         defaults = self.defaults.get(op, {})
         merged = {**defaults, **attrs}
-        if "init" in defaults and "init" in attrs and isinstance(attrs["init"], dict):
-            merged["init"] = {**defaults["init"], **attrs["init"]}
+        merged.pop("init", None)
+        default_init = defaults.get("init", {})
+        if "init" in attrs:
+            merged["init"] = attrs["init"]
         self.check_bound(merged, path, chain)
         refs = None
         inputs = [cur]
@@ -272,7 +285,8 @@ class Expander:
             self.check_bound(item["inputs"], path + ".inputs", chain)
             refs = [seq_input if r == "@input" else r for r in item["inputs"]]
             inputs = []
-        node = RawNode(self.join(scope, name), op, merged, inputs, refs, scope, path, chain, train_only)
+        node = RawNode(self.join(scope, name), op, merged, inputs, refs, scope, path, chain, train_only,
+                       default_init if isinstance(default_init, dict) else {})
         return self.add_node(node)
 
     def call(self, block_id, args, path, scope, cur, chain, train_only) -> str:

@@ -247,3 +247,24 @@ def test_info_on_bad_spec_is_one_line(write_spec, capsys):
     rc = main(["info", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "unknown op 'conv3d'" in err[0]
+
+
+def test_default_init_applies_only_to_existing_parameters(write_spec, capsys):
+    spec = tiny(defaults={"conv2d": {"bias": False, "init": {"weight": "glorot_uniform", "bias": "zeros"}}},
+                expect={"params": 118, "gmacs": 6.92e-6})
+    rc = main(["validate", str(write_spec(spec))])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_node_init_for_missing_parameter_is_an_error(write_spec, capsys):
+    path = write_spec(with_layers({"op": "conv2d", "out_channels": 4, "kernel": 3, "bias": False,
+                                   "init": {"bias": "zeros"}}))
+    rc, lines = run_validate(path, capsys)
+    assert_one_line(rc, lines, path, "$.layers[0].init", "init for unknown parameter 'bias' of conv2d")
+
+
+def test_validate_skips_the_schema_file(capsys):
+    from harness.spec import SCHEMA_PATH
+
+    assert main(["validate", str(SCHEMA_PATH)]) == 0
+    assert "skipped" in capsys.readouterr().out

@@ -98,7 +98,7 @@ def test_probe_weights_keep_activations_near_unit_scale():
     w = init.probe_weights(ir, 0)
     x = np.random.default_rng(5).standard_normal((2, *ir.input_shape))
     out = reference.run(ir, w, x).outputs[0]
-    assert 0.3 < out.std() < 3
+    assert 0.5 < out.std() < 2
     biases = [w[p] for p in ir.params if p.endswith(".bias")]
     assert all(np.abs(b).max() > 0 for b in biases)  # nothing left at a default zero
     bn_var = w["layer1.0.bn1.running_var"]

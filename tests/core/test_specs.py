@@ -27,7 +27,11 @@ def test_counts_equal_reference_table(model):
     ir = zoo.load(model)
     row = REFERENCE[model]
     assert ir.trainable_params == int(row["trainable_params"])
-    assert abs(ir.macs / 1e9 - float(row["gmacs"])) <= 0.005 * float(row["gmacs"])
+    # Within 0.5%, or within the rounding of the table's printed digits: torchvision's meta has
+    # 3 decimals, so 0.057 stands for 0.0565..0.0575 (mobilenet_v3_small is 0.05651).
+    decimals = len(row["gmacs"].partition(".")[2])
+    allowed = max(0.005 * float(row["gmacs"]), 0.5 * 10 ** -decimals)
+    assert abs(ir.macs / 1e9 - float(row["gmacs"])) <= allowed
     assert "x".join(map(str, ir.input_shape)) == row["input_chw"]
 
 
