@@ -439,8 +439,7 @@ class TorchBackend(Backend):
                     if name.endswith(("running_mean", "running_var")))
         return trainable, stats
 
-    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
-        """Fixed dropout/drop_path keep-masks by node name (parity runs); None clears."""
+    def set_masks(self, masks: dict[str, np.ndarray] | None) -> None:
         for key, module in self.module.layers.items():
             name = key.replace("__", ".")
             if hasattr(module, "mask"):
@@ -497,6 +496,9 @@ class TorchBackend(Backend):
             loss.backward()
             self.optimizer.step()
         return loss.detach()
+
+    def loss_value(self, loss) -> float:
+        return float(loss.item())
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

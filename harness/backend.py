@@ -80,6 +80,8 @@ class Backend(abc.ABC):
         known_gaps: What this backend cannot match, as data: glob patterns over conformance
             test ids (``op:lrn/*``, ``model:inception_v4``, ``train:*``) -> reason. Tests
             matching a pattern are expected to fail (strict xfail) and reported with it.
+        bn_variance: How the framework updates BN running variance: ``unbiased`` (PyTorch,
+            the IR's convention) or ``biased`` (Keras); parity checks convert the latter.
     """
 
     name: ClassVar[str]
@@ -88,6 +90,7 @@ class Backend(abc.ABC):
     exec_modes: ClassVar[tuple[str, ...]] = ("eager",)
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
     known_gaps: ClassVar[dict[str, str]] = {}
+    bn_variance: ClassVar[str] = "unbiased"
 
     # ------------------------------------------------------------------ no framework needed
 
@@ -194,6 +197,18 @@ class Backend(abc.ABC):
     def train_step(self, batch) -> Any:
         """One training step per the module's contract; returns the loss (not synchronised)."""
 
+    def loss_value(self, loss) -> float:
+        """A loss returned by ``train_step`` as a Python float (synchronises)."""
+        return float(np.asarray(loss))
+
+    def set_masks(self, masks: dict[str, np.ndarray] | None) -> None:
+        """Fixes dropout/drop_path keep-masks for the next train steps (parity runs).
+
+        ``masks`` maps node names to boolean keep-masks: (N, *node shape) for dropout, (N,)
+        for drop_path; None restores random masks. Scaling by 1 / (1 - rate) is the op's.
+        """
+        raise UnsupportedError(f"backend {self.name}: fixed dropout masks not supported")
+
     def synchronize(self) -> None:
         """Waits until the device has finished all queued work."""
 
@@ -206,10 +221,19 @@ class Backend(abc.ABC):
 
 
 def registry() -> dict[str, str]:
-    """Backend name -> ``module:Class`` (backends/__init__.py holds the lines)."""
+    """Backend name -> ``module:Class``.
+
+    backends/__init__.py holds the project's lines; ``SAMENET_BACKENDS`` adds more
+    (``name=module:Class,...``), for third-party backends and for tests.
+    """
     import backends
 
-    return dict(backends.REGISTRY)
+    reg = dict(backends.REGISTRY)
+    for item in os.environ.get("SAMENET_BACKENDS", "").split(","):
+        name, sep, target = item.strip().partition("=")
+        if sep and ":" in target:
+            reg[name] = target
+    return reg
 
 
 def names() -> list[str]:

@@ -1,0 +1,215 @@
+"""One measurement cell, run in its own process: ``python -m harness.cell CONFIG.json ROW.json``.
+
+The protocol (DESIGN.md, "Measurement protocol"):
+
+1. import the framework (timed: ``import_s``); RSS after import is the memory baseline;
+2. load the IR, canonical weights (seeded, cached on disk) and a seeded synthetic batch, all
+   before any timing of steps; build the model (``build_s``), load weights (``weights_s``),
+   move the batch to the device (``to_device_s``);
+3. one first step, synchronised (``first_step_s``: includes tracing/compilation);
+4. ``warmup`` steps, untimed;
+5. ``iters`` timed steps: ``perf_counter_ns`` read after the device is synchronised, per-step
+   samples kept; median, p10, p90, mean, IQR...;
+6. memory: peak RSS of the process, its increase over the post-import RSS, the peak during
+   the steps alone (kernel high-water mark reset before the first step, where allowed), and
+   on GPU the framework allocator's peak and the NVML figure of this process.
+
+This process never imports pandas or plotting libraries. Whatever happens, it writes one row
+(status ok, error, unsupported or oom); a crash or timeout is recorded by the parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODES = ("train", "infer")
+ROW_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Everything that defines one measurement (its key is a hash of all of it)."""
+
+    backend: str
+    model: str
+    mode: str
+    batch: int
+    input: tuple[int, ...] | None = None  # None: the spec's default input
+    device: str = "cpu"
+    precision: str = "fp32"
+    exec_mode: str | None = None  # None: the backend's default
+    options: tuple[tuple[str, str], ...] = ()
+    threads: int = 1
+    cpu_settings: str = "tuned"  # tuned | stock
+    warmup: int = 5
+    iters: int = 20
+    seed: int = 0
+    repeat: int = 0
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input"] = list(self.input) if self.input else None
+        d["options"] = dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        d = dict(d)
+        d["input"] = tuple(d["input"]) if d.get("input") else None
+        d["options"] = tuple(sorted((d.get("options") or {}).items()))
+        return cls(**d)
+
+    def key(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        mode = f" {self.exec_mode}" if self.exec_mode else ""
+        return f"{self.backend}{mode} {self.model} {self.mode} b{self.batch}" + (f" r{self.repeat}" if self.repeat else "")
+
+
+def classify_error(exc: BaseException) -> str:
+    from .errors import UnsupportedError
+
+    if isinstance(exc, UnsupportedError):
+        return "unsupported"
+    text = f"{type(exc).__name__} {exc}".lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text or "resourceexhausted" in text or "bad_alloc" in text:
+        return "oom"
+    return "error"
+
+
+def weights_for(ir, seed: int):
+    """Canonical weights of an IR, from the disk cache or made and cached."""
+    from .conformance import cache_dir
+    from .init import init_weights, load_weights, save_weights
+
+    path = cache_dir() / "weights" / f"{ir.name}-{ir.fingerprint()}-s{seed}.npz"
+    if path.exists():
+        try:
+            return load_weights(path, ir)
+        except Exception:  # noqa: BLE001  (a torn or stale cache file: make it again)
+            pass
+    weights = init_weights(ir, seed)
+    try:
+        save_weights(path, weights)
+    except OSError:
+        pass
+    return weights
+
+
+def measure(cell: Cell, row: dict) -> None:
+    """Runs the protocol, filling ``row`` as it goes (so a failure keeps what was measured)."""
+    from . import backend as registry
+    from . import measure as m
+    from . import zoo
+    from .backend import BuildConfig, Optimizer
+    from .data import synthetic_batch
+
+    row["rss_start_mb"] = m.rss_mb()
+    cls = registry.get(cell.backend)
+    b = cls()
+    t = time.perf_counter()
+    b.import_framework()
+    row["import_s"] = time.perf_counter() - t
+    row["rss_after_import_mb"] = m.rss_mb()
+    row["framework_version"] = b.version()
+    row["settings"] = b.configure(cell.threads, cell.cpu_settings == "tuned")
+
+    ir = zoo.load(cell.model, cell.input)
+    row["spec_hash"] = ir.fingerprint()
+    row["input"] = "x".join(map(str, ir.input_shape))
+    row["macs_per_sample"] = ir.macs
+    row["params_trainable"] = ir.trainable_params
+    row["params_non_trainable"] = ir.non_trainable_params
+    weights = weights_for(ir, cell.seed)
+    x, y = synthetic_batch(ir, cell.batch, cell.seed)
+
+    config = cls.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
+                                            Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
+    row["exec_mode"] = config.exec_mode
+    row["options"] = config.options
+    t = time.perf_counter()
+    b.build(ir, config)
+    row["build_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    b.set_weights(weights)
+    row["weights_s"] = time.perf_counter() - t
+    del weights
+    t = time.perf_counter()
+    batch = b.to_device(x, y)
+    b.synchronize()
+    row["to_device_s"] = time.perf_counter() - t
+    row["rss_after_build_mb"] = m.rss_mb()
+
+    step = b.train_step if cell.mode == "train" else b.infer_step
+    row["step_peak_reset"] = m.reset_peak_rss()
+    t0 = time.perf_counter_ns()
+    out = step(batch)
+    b.synchronize()
+    row["first_step_s"] = (time.perf_counter_ns() - t0) / 1e9
+    for _ in range(cell.warmup):
+        out = step(batch)
+        b.synchronize()
+    samples = []
+    for _ in range(cell.iters):
+        t0 = time.perf_counter_ns()
+        out = step(batch)
+        b.synchronize()
+        samples.append(time.perf_counter_ns() - t0)
+    row["samples_ns"] = samples
+    row.update(m.summarize(samples))
+    if cell.mode == "train":
+        row["last_loss"] = b.loss_value(out)
+    median = row.get("step_median_s")
+    if median:
+        row["samples_per_s"] = cell.batch / median
+        flops = 2 * ir.macs * (3 if cell.mode == "train" else 1) * cell.batch
+        row["gflops_per_s"] = flops / median / 1e9
+    row["peak_rss_mb"] = m.peak_rss_mb()
+    row["rss_increase_mb"] = row["peak_rss_mb"] - row["rss_after_import_mb"]
+    row["peak_rss_steps_mb"] = m.hwm_rss_mb() if row["step_peak_reset"] else None
+    gpu = b.memory_stats()
+    row.update({f"gpu_{k}": v for k, v in gpu.items()})
+    if cell.device != "cpu":
+        row["gpu_nvml_mb"] = m.nvml_process_mb()
+    row["status"] = "ok"
+
+
+def write_row(path: Path, row: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(row, default=str))
+    tmp.replace(path)
+
+
+def main(argv: list[str]) -> int:
+    config_path, out_path = Path(argv[0]), Path(argv[1])
+    cell = Cell.from_dict(json.loads(config_path.read_text()))
+    row: dict = {"status": "error", "row_version": ROW_VERSION, "pid": os.getpid()}
+    try:
+        measure(cell, row)
+    except BaseException as exc:  # noqa: BLE001  (every failure becomes a row)
+        row["status"] = classify_error(exc)
+        row["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500] if str(exc) else type(exc).__name__
+        row["error_detail"] = "".join(traceback.format_exception(exc))[-4000:]
+        if isinstance(exc, KeyboardInterrupt):
+            write_row(out_path, row)
+            return 130
+    row["heavy_modules"] = sorted(m for m in ("pandas", "matplotlib") if m in sys.modules)
+    write_row(out_path, row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,184 @@
+"""The ``run`` command: a sweep of measurement cells, then a table."""
+
+from __future__ import annotations
+
+from . import backend as registry
+from . import zoo
+from .cell import MODES, Cell
+from .cli import command, parse_list, parse_shape
+from .display import console, table
+from .errors import UsageError
+from .results import Store, latest
+from .runner import expand, python_for, sweep
+
+QUICK = {"models": "lenet5,resnet18", "modes": "train,infer", "batch_sizes": "16", "warmup": 3, "iters": 10}
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{option}: expected comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option}: expected positive integers, got '{text}'")
+    return values
+
+
+def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"{option}: expected NAME=VALUE, got '{item}'")
+        out[key] = value
+    return out
+
+
+def _configure(p):
+    p.add_argument("--backends", default="torch", help="comma-separated backends, or 'all' (default: torch)")
+    p.add_argument("--models", help="comma-separated models, or 'all' (default: lenet5,resnet18)")
+    p.add_argument("--modes", help="train,infer (default: both)")
+    p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16)")
+    p.add_argument("--input", help="input CxHxW instead of each spec's default")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] (gpu is an alias), ascend[:N]")
+    p.add_argument("--precision", default="fp32", help=f"one of {', '.join(registry.PRECISIONS)}")
+    p.add_argument("--exec-mode", action="append", metavar="[BACKEND=]MODE",
+                   help="execution mode, for all backends or one (repeatable); default: each backend's first")
+    p.add_argument("--option", action="append", metavar="[BACKEND.]NAME=VALUE",
+                   help="backend option, e.g. memory_format=channels_last (repeatable)")
+    p.add_argument("--threads", type=int, help="core budget for every framework (default: the CPUs this process may use)")
+    p.add_argument("--cpu-settings", choices=["tuned", "stock"], default="tuned",
+                   help="tuned: each framework's best-practice CPU settings for the core budget; stock: its defaults")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps after the first step (default 5)")
+    p.add_argument("--iters", type=int, help="timed steps (default 20)")
+    p.add_argument("--repeats", type=int, default=1, help="processes per cell, for between-run spread (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per cell before it is killed (default 1800)")
+    p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
+    p.add_argument("--store", default="bench", help="kind of rows / subfolder (default: bench)")
+    p.add_argument("--force", action="store_true", help="rerun cells already in the results")
+    p.add_argument("--python", action="append", metavar="BACKEND=PATH", help="interpreter of a backend's env")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick default suite: lenet5 and resnet18, train and infer, batch 16, 3 warm-up, 10 timed; "
+                        "rows go to the 'quick' store and the table compares every backend run there on this machine")
+    p.add_argument("--compare", action="store_true",
+                   help="end with the latest rows of every backend in the store (this machine), not only this sweep's")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def cells_from_args(args) -> list[Cell]:
+    known = registry.names()
+    backends = parse_list(args.backends, "--backends", known, known)
+    models = parse_list(args.models or QUICK["models"], "--models", None, zoo.names())
+    for m in models:
+        zoo.path_of(m)  # unknown model: one-line error now, not one failed row per cell
+    modes = parse_list(args.modes or QUICK["modes"], "--modes", list(MODES))
+    batches = _ints(args.batch_sizes or QUICK["batch_sizes"], "--batch-sizes")
+    registry.split_device(args.device)
+    if args.precision not in registry.PRECISIONS:
+        raise UsageError(f"--precision: unknown '{args.precision}' (known: {', '.join(registry.PRECISIONS)})")
+    for name, value in (("--threads", args.threads), ("--warmup", args.warmup), ("--iters", args.iters),
+                        ("--repeats", args.repeats)):
+        if value is not None and value < (0 if name == "--warmup" else 1):
+            raise UsageError(f"{name}: must be {'>= 0' if name == '--warmup' else 'positive'}, got {value}")
+    exec_modes: dict[str, str] = {}
+    for item in args.exec_mode or []:
+        b, sep, mode = item.rpartition("=")
+        for name in ([b] if sep else backends):
+            if name not in backends:
+                raise UsageError(f"--exec-mode: backend '{name}' is not in --backends")
+            cls = registry.get(name)
+            if mode not in cls.exec_modes:
+                raise UsageError(f"--exec-mode: backend {name} has no mode '{mode}' (modes: {', '.join(cls.exec_modes)})")
+            exec_modes[name] = mode
+    options: dict[str, dict[str, str]] = {b: {} for b in backends}
+    for key, value in _pairs(args.option, "--option").items():
+        b, dot, name = key.rpartition(".")
+        targets = [b] if dot else [x for x in backends if name in registry.get(x).options]
+        if not targets:
+            raise UsageError(f"--option: no backend among {', '.join(backends)} has option '{name}'")
+        for t in targets:
+            cls = registry.get(t)
+            if name not in cls.options or value not in cls.options[name]:
+                raise UsageError(f"--option: backend {t} option {name} takes {', '.join(cls.options.get(name, ())) or 'nothing'}")
+            options[t][name] = value
+    shape = parse_shape(args.input) if args.input else None
+    common = dict(input=shape, device=args.device, precision=args.precision,
+                  threads=args.threads or registry.default_threads(), cpu_settings=args.cpu_settings,
+                  warmup=args.warmup if args.warmup is not None else (QUICK["warmup"] if args.quick else 5),
+                  iters=args.iters or (QUICK["iters"] if args.quick else 20), seed=args.seed)
+    cells = expand(backends, models, modes, batches, args.repeats, **common)
+    from dataclasses import replace
+
+    return [replace(c, exec_mode=exec_modes.get(c.backend), options=tuple(sorted(options[c.backend].items())))
+            for c in cells]
+
+
+def how_measured(df) -> str:
+    """One line saying how the timings in ``df`` were measured."""
+    def values(col):
+        vals = sorted({str(v) for v in df[col].dropna()}) if col in df else []
+        return "/".join(vals) if vals else "?"
+
+    return (f"median of {values('iters')} timed steps (p10-p90 in brackets) after 1 first step and "
+            f"{values('warmup')} untimed warm-up steps, each step ending with a device synchronisation; "
+            f"threads {values('threads')}, CPU settings {values('cpu_settings')}, device {values('device')}, "
+            f"precision {values('precision')}; one process per cell; first step includes tracing/compilation")
+
+
+def results_table(df, title: str):
+    """Terminal table of bench rows, one line per cell, with ratios to the fastest backend."""
+    if df.empty:
+        return table(title, ["no rows"], [])
+    df = df.sort_values(["model", "mode", "batch", "backend"], kind="stable")
+    ok = df[df["status"] == "ok"]
+    best = ok.groupby(["model", "mode", "batch", "input"])["step_median_s"].min() if not ok.empty else None
+    rows = []
+    for _, r in df.iterrows():
+        if r["status"] == "ok":
+            ratio = r["step_median_s"] / best.loc[(r["model"], r["mode"], r["batch"], r["input"])]
+            rows.append((r["model"], r["mode"], r["batch"], r["input"], r["backend"], r.get("exec_mode") or "",
+                         f"{r['step_median_s'] * 1e3:.1f} [{r['step_p10_s'] * 1e3:.1f}-{r['step_p90_s'] * 1e3:.1f}]",
+                         f"{ratio:.2f}x", f"{r['samples_per_s']:.1f}", f"{r['gflops_per_s']:.1f}",
+                         f"{r['peak_rss_mb']:.0f}", f"{r['first_step_s']:.2f}", f"{r['import_s']:.1f}", "ok"))
+        else:
+            rows.append((r["model"], r["mode"], r["batch"], r.get("input") or "", r["backend"], r.get("exec_mode") or "",
+                         "", "", "", "", "", "", "", f"{r['status']}: {str(r.get('error', ''))[:80]}"))
+    return table(title, ["model", "mode", "batch", "input", "backend", "exec", "step ms [p10-p90]", "vs best",
+                         "img/s", "GFLOP/s", "peak RSS MB", "first step s", "import s", "status"], rows,
+                 right=["batch", "step ms [p10-p90]", "vs best", "img/s", "GFLOP/s", "peak RSS MB", "first step s",
+                        "import s"],
+                 caption=how_measured(df))
+
+
+@command("run", "Measure: a sweep of (backend, model, mode, batch) cells, each in its own process")
+def cmd_run(args) -> int:
+    from .env import machine_class
+    from .results import load
+
+    store_kind = "quick" if args.quick and args.store == "bench" else args.store
+    store = Store(args.results, store_kind)
+    cells = cells_from_args(args)
+    overrides = _pairs(args.python, "--python")
+    pythons = {b: python_for(b, overrides) for b in {c.backend for c in cells}}
+    rows = sweep(cells, store, pythons.__getitem__, args.timeout, force=args.force, progress=not args.quiet)
+    out = console()
+    import pandas as pd
+
+    if args.compare or args.quick:
+        df = latest(load(store.root, store_kind))
+        if not df.empty:
+            df = df[df["machine_class"] == machine_class()]
+            wanted = {(c.model, c.mode, c.batch) for c in cells}
+            df = df[[(m, mo, b) in wanted for m, mo, b in zip(df["model"], df["mode"], df["batch"])]]
+        title = f"latest results in {store.dir} on this machine ({machine_class()})"
+    else:
+        df = pd.DataFrame(rows)
+        title = f"{len(rows)} cells measured" + (f" ({len(cells) - len(rows)} already in the results)"
+                                                  if len(rows) < len(cells) else "")
+    out.print(results_table(df, title))
+    failed = [r for r in rows if r.get("status") != "ok"]
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
+cmd_run.configure = _configure

@@ -1,0 +1,89 @@
+"""The environment a measurement ran in, recorded with every result row."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KMP_AFFINITY", "KMP_BLOCKTIME",
+               "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS",
+               "MXNET_CPU_WORKER_NTHREADS", "MXNET_ENGINE_TYPE", "FLAGS_use_mkldnn", "CPU_NUM")
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpus() -> list[dict]:
+    """GPUs seen by nvidia-smi: name, driver, memory (MB)."""
+    out = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"])
+    if not out:
+        return []
+    found = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            found.append({"name": parts[0], "driver": parts[1], "memory_mb": float(parts[2])})
+    return found
+
+
+def git_revision() -> tuple[str | None, bool | None]:
+    rev = _run(["git", "rev-parse", "--short=12", "HEAD"], ROOT)
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], ROOT)
+    return rev, (None if dirty is None else bool(dirty))
+
+
+@lru_cache(maxsize=1)
+def host_environment() -> dict:
+    """What does not depend on the backend: machine, OS, Python, git."""
+    import psutil
+
+    rev, dirty = git_revision()
+    gpu = gpus()
+    return {
+        "hostname": socket.gethostname(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_logical": psutil.cpu_count(logical=True),
+        "cpu_physical": psutil.cpu_count(logical=False),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu[0]["name"] if gpu else None,
+        "gpu_count": len(gpu),
+        "gpu_driver": gpu[0]["driver"] if gpu else None,
+        "git_revision": rev,
+        "git_dirty": dirty,
+    }
+
+
+def machine_class() -> str:
+    """Timings are only comparable within a class: CPU model x cores (x GPU)."""
+    env = host_environment()
+    parts = [env["cpu_model"], f"{env['cpu_affinity'] or env['cpu_logical']} cpus"]
+    if env["gpu"]:
+        parts.append(env["gpu"])
+    return " / ".join(parts)
+
+
+def thread_variables() -> dict[str, str]:
+    return {k: os.environ[k] for k in THREAD_VARS if k in os.environ}

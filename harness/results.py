@@ -1,0 +1,99 @@
+"""The results store: append-only rows, one JSON file each, written atomically.
+
+Killing a sweep at any moment loses no finished cell: a row is written to a temporary file
+and renamed into place. ``load()`` returns every row as a pandas DataFrame (pandas is
+imported here only, never in the cell process).
+
+Columns of ``load()`` (one row per cell and repeat):
+
+* configuration: ``kind`` (bench, parity, train), ``run_id``, ``cell_key``, ``backend``,
+  ``model``, ``mode`` (train, infer), ``batch``, ``input``, ``device``, ``precision``,
+  ``exec_mode``, ``options``, ``threads``, ``cpu_settings``, ``warmup``, ``iters``,
+  ``repeat``, ``seed``;
+* outcome: ``status`` (ok, error, unsupported, oom, timeout, crash), ``error``;
+* timings (seconds): ``import_s``, ``build_s``, ``weights_s``, ``to_device_s``,
+  ``first_step_s``, ``step_median_s``, ``step_p10_s``, ``step_p90_s``, ``step_iqr_s``,
+  ``step_mean_s``, ``step_min_s``, ``step_max_s``, ``step_std_s``, ``samples_ns`` (list);
+  ``samples_per_s``, ``gflops_per_s`` (2 FLOPs per MAC, train = 3x forward);
+* memory (MB): ``rss_after_import_mb``, ``rss_after_build_mb``, ``peak_rss_mb``,
+  ``rss_increase_mb`` (peak over post-import), ``peak_rss_steps_mb`` (peak during the
+  steps), ``gpu_alloc_peak_mb``, ``gpu_reserved_peak_mb``, ``gpu_nvml_mb``;
+* network: ``spec_hash``, ``macs_per_sample``, ``params_trainable``, ``params_non_trainable``;
+* environment: ``framework_version``, ``settings`` (dict), ``thread_env`` (dict),
+  ``hostname``, ``os``, ``python``, ``cpu_model``, ``cpu_logical``, ``cpu_physical``,
+  ``cpu_affinity``, ``memory_gb``, ``gpu``, ``gpu_driver``, ``machine_class``,
+  ``git_revision``, ``git_dirty``, ``timestamp`` (UTC ISO 8601), ``wall_s`` (the process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from .env import ROOT
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("SAMENET_RESULTS") or ROOT / "results")
+
+
+class Store:
+    """A folder of result rows: ``<root>/<kind>/<timestamp>-<label>-<key>.json``."""
+
+    def __init__(self, root: str | Path | None = None, kind: str = "bench"):
+        self.root = Path(root) if root else default_root()
+        self.kind = kind
+        self.dir = self.root / kind
+
+    def write(self, row: dict) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        row = {"kind": self.kind, **row}
+        row.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        stamp = row["timestamp"].replace(":", "").replace("-", "")[:15]
+        label = "-".join(str(row.get(k, "")) for k in ("backend", "model", "mode"))
+        name = f"{stamp}-{label}-{row.get('cell_key', uuid.uuid4().hex)[:10]}-r{row.get('repeat', 0)}.json"
+        path = self.dir / name
+        tmp = self.dir / f".{name}.{uuid.uuid4().hex[:6]}.tmp"
+        tmp.write_text(json.dumps(row, default=str, indent=None))
+        tmp.replace(path)
+        return path
+
+    def rows(self) -> Iterator[dict]:
+        if not self.dir.is_dir():
+            return
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                yield json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a foreign or damaged file: never let it stop a load
+
+    def keys(self) -> set[str]:
+        return {r["cell_key"] for r in self.rows() if "cell_key" in r}
+
+
+def load(root: str | Path | None = None, kind: str | None = "bench"):
+    """All rows of a store as a DataFrame (every kind when ``kind`` is None)."""
+    import pandas as pd
+
+    root = Path(root) if root else default_root()
+    kinds = [kind] if kind else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    rows = [r for k in kinds for r in Store(root, k).rows()]
+    df = pd.DataFrame(rows)
+    if not df.empty and "timestamp" in df:
+        df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True)
+        df = df.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    return df
+
+
+def latest(df):
+    """The newest row per cell configuration (repeats kept apart)."""
+    if df.empty:
+        return df
+    df = df.assign(options_text=df["options"].astype(str)) if "options" in df else df
+    keys = [c for c in ("backend", "model", "mode", "batch", "input", "device", "precision", "exec_mode",
+                        "options_text", "threads", "cpu_settings", "repeat", "machine_class") if c in df]
+    return df.drop_duplicates(keys, keep="last").drop(columns=["options_text"], errors="ignore")

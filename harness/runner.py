@@ -1,0 +1,202 @@
+"""The runner: every cell in its own process, under a timeout; every outcome is a row.
+
+A sweep is the product of backends x models x modes x batch sizes (x repeats). Each cell
+runs ``python -m harness.cell`` with the backend's interpreter (this one if the framework is
+installed here, else the backend's tox env ``.tox/<backend>``, or ``--python NAME=PATH``),
+with the CPU settings of the backend set in its environment before the framework loads.
+A crash (segfault included), a timeout or an out-of-memory kill still yields a row; the
+sweep goes on. Cells already in the store are skipped unless forced, so an interrupted
+sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import backend as registry
+from .cell import Cell
+from .env import ROOT, THREAD_VARS, host_environment, machine_class
+from .errors import UsageError
+from .results import Store
+
+OOM_SIGNS = ("out of memory", "bad_alloc", "memoryerror", "cannot allocate memory", "resourceexhausted")
+
+
+def python_for(backend: str, overrides: dict[str, str] | None = None) -> str:
+    """The interpreter that has the backend's framework.
+
+    Order: ``--python NAME=PATH``, ``SAMENET_PYTHON_<NAME>``, this interpreter if the
+    framework is installed here, the tox env ``.tox/<NAME>/bin/python``.
+    """
+    if overrides and backend in overrides:
+        return overrides[backend]
+    env = os.environ.get(f"SAMENET_PYTHON_{backend.upper()}")
+    if env:
+        return env
+    if registry.get(backend).available():
+        return sys.executable
+    tox = ROOT / ".tox" / backend / "bin" / "python"
+    if tox.exists():
+        return str(tox)
+    raise UsageError(f"backend {backend}: its framework is not installed here and there is no .tox/{backend} env "
+                     f"(run 'tox -e {backend}' once, or pass --python {backend}=PATH)")
+
+
+def child_environment(cell: Cell) -> dict[str, str]:
+    env = dict(os.environ)
+    if cell.cpu_settings == "stock":
+        for k in THREAD_VARS:
+            env.pop(k, None)
+    env.update(registry.get(cell.backend).env_vars(cell.threads, cell.cpu_settings == "tuned"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def run_cell(cell: Cell, python: str, timeout: float) -> dict:
+    """Runs one cell in a fresh process; always returns a row."""
+    env = child_environment(cell)
+    with tempfile.TemporaryDirectory(prefix="samenet-cell-") as tmp:
+        config, out, log = Path(tmp) / "cell.json", Path(tmp) / "row.json", Path(tmp) / "log.txt"
+        config.write_text(json.dumps(cell.to_dict()))
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        timed_out = False
+        with open(log, "wb") as logf:
+            # The cell runs in a scratch folder so frameworks that litter the working
+            # directory (MindSpore's rank_0/, kernel_meta/) leave the user's folder clean.
+            proc = subprocess.Popen([python, "-m", "harness.cell", str(config), str(out)], env=env, cwd=tmp,
+                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+        wall = time.perf_counter() - start
+        load_after = os.getloadavg()[0]
+        tail = log.read_text(errors="replace")[-3000:]
+        if out.exists() and not timed_out:
+            row = json.loads(out.read_text())
+        else:
+            row = {"status": "error"}
+            lower = tail.lower()
+            if timed_out:
+                row.update(status="timeout", error=f"no result within {timeout:.0f} s (killed)")
+            elif code < 0 and -code == signal.SIGKILL:
+                row.update(status="oom", error="killed by SIGKILL (likely the kernel's out-of-memory killer)")
+            elif any(s in lower for s in OOM_SIGNS):
+                row.update(status="oom", error=f"exit {code}: out of memory")
+            elif code < 0:
+                row.update(status="crash", error=f"killed by {_signal_name(code)}")
+            else:
+                row.update(status="crash", error=f"exit code {code} without a result")
+        if row.get("status") != "ok":
+            row["log_tail"] = tail
+    row.update(cell.to_dict() | {k: v for k, v in row.items() if k in ("input", "exec_mode", "options")})
+    # The load average shows whether something else competed for the cores during the cell.
+    row.update(cell_key=cell.key(), wall_s=wall, python=python, load_avg_before=load_before,
+               load_avg_after=load_after, thread_env={k: env[k] for k in THREAD_VARS if k in env})
+    row.update(host_environment())
+    row["machine_class"] = machine_class()
+    return row
+
+
+def expand(backends: list[str], models: list[str], modes: list[str], batches: list[int], repeats: int = 1,
+           **common) -> list[Cell]:
+    """The cells of a sweep, in a stable order (backend fastest, so a partial sweep compares)."""
+    cells = []
+    for model in models:
+        for batch in batches:
+            for mode in modes:
+                for r in range(repeats):
+                    for b in backends:
+                        cells.append(Cell(backend=b, model=model, mode=mode, batch=batch, repeat=r, **common))
+    return cells
+
+
+class _Progress:
+    """A rich progress bar on a terminal; one line per cell otherwise (CI logs)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.live = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("starting", total=total)
+            self.bar.start()
+
+    def begin(self, cell: Cell) -> None:
+        if self.live:
+            self.bar.update(self.task, description=cell.label())
+
+    def end(self, cell: Cell, row: dict | None) -> None:
+        self.done += 1
+        if self.live:
+            self.bar.advance(self.task)
+            return
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        if row is None:
+            what = "skipped (in the results; --force reruns)"
+        elif row.get("status") == "ok":
+            what = f"ok, {row['step_median_s'] * 1e3:.1f} ms/step"
+        else:
+            what = f"{row.get('status')}: {row.get('error', '')}"
+        print(f"[{self.done}/{self.total}] {cell.label()}: {what} (about {left:.0f} s left)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()
+
+
+def sweep(cells: Iterable[Cell], store: Store, python: Callable[[str], str], timeout: float, force: bool = False,
+          progress: bool = True, run_id: str | None = None) -> list[dict]:
+    """Runs every cell not yet in the store; returns the rows of this sweep (new ones)."""
+    cells = list(cells)
+    have = set() if force else store.keys()
+    run_id = run_id or uuid.uuid4().hex[:12]
+    bar = _Progress(len(cells), progress)
+    rows = []
+    try:
+        for cell in cells:
+            if cell.key() in have:
+                bar.end(cell, None)
+                continue
+            bar.begin(cell)
+            row = run_cell(cell, python(cell.backend), timeout)
+            row["run_id"] = run_id
+            store.write(row)
+            rows.append(row)
+            bar.end(cell, row)
+    finally:
+        bar.close()
+    return rows
+
+
+def with_defaults(cell: Cell) -> Cell:
+    return replace(cell, threads=cell.threads or registry.default_threads())

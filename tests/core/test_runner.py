@@ -1,0 +1,150 @@
+"""The runner: one process per cell, every outcome a row, atomic store, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cell import Cell
+from harness.cli import main
+from harness.errors import UsageError
+from harness.results import Store, load
+from harness.runner import python_for, run_cell, sweep
+
+HERE = Path(__file__).resolve().parent
+FAKES = ",".join(f"{n}=fake_backends:{c}" for n, c in
+                 [("segfault", "Segfault"), ("hang", "Hang"), ("oom", "Oom"), ("killed", "Killed"),
+                  ("exits", "Exits"), ("slow", "Slow")])
+
+
+@pytest.fixture(autouse=True)
+def fake_backends(monkeypatch):
+    monkeypatch.setenv("SAMENET_BACKENDS", FAKES)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def cell(backend="numpy", mode="infer", **kw):
+    return Cell(backend=backend, model="lenet5", mode=mode, batch=4, warmup=1, iters=3, threads=1, **kw)
+
+
+def test_ok_row_has_the_protocol_figures():
+    row = run_cell(cell(), sys.executable, timeout=120)
+    assert row["status"] == "ok", row.get("error_detail") or row.get("log_tail")
+    for key in ("import_s", "build_s", "weights_s", "first_step_s", "step_median_s", "step_p10_s", "step_p90_s",
+                "step_mean_s", "samples_per_s", "gflops_per_s", "peak_rss_mb", "rss_after_import_mb",
+                "rss_increase_mb", "spec_hash", "framework_version", "python", "cpu_model", "hostname",
+                "git_revision", "machine_class", "load_avg_before"):
+        assert row.get(key) is not None, key
+    assert len(row["samples_ns"]) == 3
+    assert row["step_p10_s"] <= row["step_median_s"] <= row["step_p90_s"]
+    assert row["heavy_modules"] == []  # the cell process never imports pandas or matplotlib
+    assert row["thread_env"]["OMP_NUM_THREADS"] == "1"
+    assert row["input"] == "1x32x32" and row["exec_mode"] == "eager"
+
+
+def test_unsupported_is_a_row_with_its_reason():
+    row = run_cell(cell(mode="train"), sys.executable, timeout=120)
+    assert row["status"] == "unsupported"
+    assert "no backward pass" in row["error"]
+
+
+@pytest.mark.parametrize("backend, status, text", [
+    ("segfault", "crash", "SIGSEGV"),
+    ("oom", "oom", "MemoryError"),
+    ("killed", "oom", "SIGKILL"),
+    ("exits", "crash", "exit code 3"),
+])
+def test_failures_become_rows(backend, status, text):
+    row = run_cell(cell(backend), sys.executable, timeout=120)
+    assert row["status"] == status
+    assert text in row["error"]
+    assert row["import_s"] is not None if status == "oom" and backend == "oom" else True
+
+
+def test_timeout_kills_the_cell():
+    start = time.perf_counter()
+    row = run_cell(cell("hang"), sys.executable, timeout=5)
+    assert row["status"] == "timeout" and "5 s" in row["error"]
+    assert time.perf_counter() - start < 60
+
+
+def test_sweep_goes_on_after_failures_and_resumes(tmp_path):
+    store = Store(tmp_path)
+    cells = [cell("segfault"), cell(), cell(mode="train")]
+    rows = sweep(cells, store, lambda b: sys.executable, timeout=120, progress=False)
+    assert [r["status"] for r in rows] == ["crash", "ok", "unsupported"]
+    assert len(list(store.rows())) == 3
+    assert sweep(cells, store, lambda b: sys.executable, timeout=120, progress=False) == []  # resumed: all there
+    again = sweep(cells[1:2], store, lambda b: sys.executable, timeout=120, force=True, progress=False)
+    assert len(again) == 1 and len(list(store.rows())) == 4
+
+
+def test_killing_a_sweep_loses_no_finished_cell(tmp_path):
+    cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
+           "--batch-sizes", "1,2,3,4,5", "--warmup", "0", "--iters", "2", "--threads", "1",
+           "--results", str(tmp_path), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = Store(tmp_path)
+    deadline = time.time() + 120
+    while len(list(store.rows())) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list(store.rows())
+    assert 2 <= len(done) < 5
+    assert all(r["status"] == "ok" for r in done)
+    for path in store.dir.iterdir():  # every file is a whole row or an ignored temporary
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+    assert main(cmd[3:-1] + ["--quiet"]) == 0  # resume: only the missing cells run
+    assert len(list(store.rows())) == 5
+
+
+def test_load_gives_a_dataframe(tmp_path):
+    store = Store(tmp_path)
+    sweep([cell(), cell(mode="train")], store, lambda b: sys.executable, timeout=120, progress=False)
+    df = load(tmp_path)
+    assert len(df) == 2
+    assert {"backend", "model", "mode", "status", "step_median_s", "peak_rss_mb", "timestamp"} <= set(df.columns)
+    assert set(df["status"]) == {"ok", "unsupported"}
+
+
+def test_run_command_prints_a_table(tmp_path, capsys):
+    rc = main(["run", "--backends", "numpy", "--models", "lenet5", "--modes", "infer", "--batch-sizes", "2",
+               "--iters", "3", "--warmup", "1", "--results", str(tmp_path)])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "lenet5" in out.out and "numpy" in out.out and "median of 3 timed steps" in out.out
+    assert "[1/1] numpy eager lenet5 infer b2: ok" in out.err or "numpy lenet5 infer b2: ok" in out.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "nosuchnet"], "unknown model 'nosuchnet'"),
+    (["--backends", "tensorflw"], "unknown value 'tensorflw'"),
+    (["--modes", "fly"], "unknown value 'fly'"),
+    (["--batch-sizes", "0"], "expected positive integers"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--exec-mode", "warp"], "has no mode 'warp'"),
+    (["--option", "memory_format=round"], "no backend among numpy has option"),
+    (["--precision", "fp8"], "unknown 'fp8'"),
+])
+def test_bad_run_options_are_one_line(argv, message, capsys, tmp_path):
+    rc = main(["run", "--backends", "numpy", "--results", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_backend_without_framework_or_env(monkeypatch):
+    monkeypatch.setenv("SAMENET_BACKENDS", "ghost=fake_backends:Segfault")
+    import fake_backends
+
+    monkeypatch.setattr(fake_backends.Segfault, "framework", "no_such_framework_xyz")
+    with pytest.raises(UsageError, match="no .tox/ghost env"):
+        python_for("ghost")
