@@ -1,14 +1,15 @@
-"""The numpy reference executor as a backend: a framework-free baseline for the runner.
+"""The numpy reference executor as a backend: a framework-free baseline.
 
-It runs the reference in float32 (the oracle itself uses float64). Training needs a
-backward pass, which the reference does not have: train steps are unsupported.
+Forward is the reference executor and training the oracle's backward pass and update rule
+(harness.grads), both in float32 (the oracle itself runs in float64). Slow, but it needs
+nothing beyond numpy, which makes it the runner's test double and a floor for comparisons.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from harness import reference
+from harness import grads, reference
 from harness.backend import Backend, BuildConfig, split_device
 from harness.errors import UnsupportedError
 
@@ -18,7 +19,6 @@ class NumpyBackend(Backend):
     framework = "numpy"
     distribution = "numpy"
     exec_modes = ("eager",)
-    known_gaps = {"train:*": "the numpy reference has no backward pass"}
 
     def import_framework(self) -> None:
         pass
@@ -32,7 +32,11 @@ class NumpyBackend(Backend):
         if config.precision != "fp32":
             raise UnsupportedError(f"numpy backend: precision {config.precision} not supported")
         self.ir = ir
+        self.optimizer = config.optimizer
         self.weights = {p: np.zeros(q.shape, np.float32) for p, q in ir.params.items()}
+        self.momentum: dict | None = None
+        self.masks: dict | None = None
+        self.steps = 0
 
     def set_weights(self, weights) -> None:
         self.weights = {k: np.asarray(weights[k], np.float32).copy() for k in self.ir.params}
@@ -46,9 +50,11 @@ class NumpyBackend(Backend):
         return t, n
 
     def forward(self, x, train=False):
-        if train:
-            raise UnsupportedError("numpy backend: train mode needs a backward pass")
-        return [o.astype(np.float32) for o in reference.run(self.ir, self.weights, x, dtype=np.float32).outputs]
+        result = reference.run(self.ir, self.weights, x, train=train, masks=self.masks, dtype=np.float32)
+        return [o.astype(np.float32) for o in result.outputs]
+
+    def set_masks(self, masks) -> None:
+        self.masks = dict(masks) if masks else None
 
     def to_device(self, x, y):
         return x, y
@@ -57,4 +63,10 @@ class NumpyBackend(Backend):
         return self.forward(batch[0])
 
     def train_step(self, batch):
-        raise UnsupportedError("numpy backend: no train step (no backward pass)")
+        x, y = batch
+        self.steps += 1
+        step = grads.train_step(self.ir, self.weights, x, y, self.optimizer, self.momentum, self.masks,
+                                seed=self.steps, dtype=np.float32)
+        self.weights = {k: np.asarray(v, np.float32) for k, v in step.weights.items()}
+        self.momentum = step.momentum
+        return step.loss

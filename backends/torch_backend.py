@@ -482,8 +482,9 @@ class TorchBackend(Backend):
     def train_step(self, batch):
         x, y = batch
         self.module.train()
-        if self.optimizer is None:
-            raise UnsupportedError("torch backend: the model has no trainable parameter")
+        if self.optimizer is None:  # nothing to learn: forward (BN statistics) and loss only
+            with torch.no_grad(), self._autocast():
+                return self.loss(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.model(x)

@@ -20,21 +20,40 @@ envs compute each reference once.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import init, reference, zoo
-from .init import save_weights, stream
+from . import grads, init, reference, zoo
+from .backend import Optimizer
+from .init import stream
 from .ir import IR, build_ir
 from .ops import OPS
 
 RTOL = 1e-4
 ATOL = 1e-5
 MODEL_OUTPUT_STD = 0.1
-PROBE_VERSION = 2  # bump when probe_weights changes, to invalidate cached cases
+_CASE_SOURCES = ("ops.py", "init.py", "grads.py", "reference.py", "conformance.py", "ir.py", "spec.py")
+
+
+def code_version() -> str:
+    """Hash of the modules that make the cases: a cached case is only reused by the same code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in _CASE_SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:10]
 CACHE_LIMIT_PARAMS = 30_000_000  # larger models are recomputed rather than cached (disk)
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes a case file atomically, keeping every array's dtype (labels stay integers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def cache_dir() -> Path:
@@ -62,7 +81,7 @@ def op_case_ids() -> list[tuple[str, str, dict]]:
     return out
 
 
-def op_case_ir(op: str, case: dict) -> IR:
+def op_case_ir(op: str, case: dict, for_training: bool = False) -> IR:
     """A small IR that applies ``op`` to the case's input shapes.
 
     The first input is the model input; each further input is derived from it by a 1x1 conv
@@ -82,6 +101,8 @@ def op_case_ir(op: str, case: dict) -> IR:
     if len(shapes) > 1:
         node["inputs"] = refs
     layers.append(node)
+    if for_training:  # logits for the cross-entropy: the op's output, flattened
+        layers.append({"op": "flatten", "name": "logits"})
     doc = {"name": f"{op}_case", "input": list(shapes[0]), "layers": layers}
     return build_ir(doc, f"op table case {op}")
 
@@ -98,7 +119,7 @@ def op_case(op: str, case: dict, seed: int = 0, batch: int = 2) -> Case:
 def model_case(model: str, seed: int = 0, batch: int = 2) -> Case:
     """The model at its test input with probe weights and its reference outputs (eval)."""
     ir = zoo.load_for_test(model)
-    path = cache_dir() / "conformance" / f"{model}-{ir.fingerprint()}-s{seed}-b{batch}-v{PROBE_VERSION}.npz"
+    path = cache_dir() / "conformance" / f"{model}-{ir.fingerprint()}-s{seed}-b{batch}-{code_version()}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as f:
             weights = {k[2:]: f[k] for k in f.files if k.startswith("w:")}
@@ -111,5 +132,232 @@ def model_case(model: str, seed: int = 0, batch: int = 2) -> Case:
     if ir.trainable_params + ir.non_trainable_params <= CACHE_LIMIT_PARAMS:
         arrays = {f"w:{k}": v for k, v in weights.items()}
         arrays.update(x=x, **{f"out{i}": o for i, o in enumerate(expected)})
-        save_weights(path, arrays)
+        save_arrays(path, arrays)
     return Case(f"model:{model}", ir, weights, x, expected)
+
+
+# --------------------------------------------------------------------------- training parity
+
+PARITY_OPTIMIZER = Optimizer(lr=0.1, momentum=0.9, weight_decay=0.01)
+"""Momentum and weight decay of parity steps; the learning rate is set per case (below)."""
+TRAIN_STEPS = 2  # the second step exercises the momentum buffers
+LOSS_RTOL = 1e-5
+WEIGHT_RTOL = 1e-4
+WEIGHT_ATOL = 1e-6
+UPDATE_RTOL = 1e-3
+"""Per tensor, the backend's update (new - old) must equal the oracle's within this fraction of
+the oracle's largest update. Weights after a sane step differ from the start by little, so
+weight tolerances alone would pass a wrong gradient in a layer whose update is small; the
+update check is scale-free: fp32 noise (1e-5..1e-4) passes, a wrong backward fails."""
+
+
+@dataclass
+class TrainingCase:
+    """Oracle training steps: start weights, batch, masks, then loss and weights per step."""
+
+    id: str
+    ir: IR
+    weights: dict[str, np.ndarray]
+    x: np.ndarray
+    y: np.ndarray
+    masks: dict[str, np.ndarray]
+    losses: list[float]
+    steps: list[dict[str, np.ndarray]]
+    optimizer: Optimizer = PARITY_OPTIMIZER
+    near_ties: int = 0  # max-pool near-ties left in the batch (see _tie_free_case)
+    alternatives: list = field(default_factory=list)  # (losses, steps) with near-ties resolved otherwise
+
+    def trajectories(self):
+        """The oracle's trajectory, then each alternative resolution of near-ties."""
+        return [(self.losses, self.steps), *self.alternatives]
+
+
+def parity_lr(ir, params, gradients, loss, x, y, masks, bn_unbiased) -> float:
+    """A learning rate whose step lowers the loss by at most 10% (a line search on the oracle).
+
+    It starts where the median parameter would move by 10% of its RMS and divides by 4 until
+    the step is gentle: larger steps saturate the logits (a batch of 4, 1000 classes), after
+    which the loss and its fp32 rounding mean nothing. Sensitivity does not need large steps:
+    the update check (UPDATE_RTOL) is relative to each tensor's own update.
+    """
+    from dataclasses import replace
+
+    ratios = []
+    for name, p in ir.params.items():
+        g = gradients.get(name)
+        if p.trainable and g is not None and np.any(g):
+            ratios.append(float(np.sqrt(np.mean(np.square(params[name]))) / np.sqrt(np.mean(np.square(g)))))
+    lr = float(np.clip(0.1 * np.median(ratios), 1e-6, 10.0)) if ratios else PARITY_OPTIMIZER.lr
+    for _ in range(16):
+        trial, _ = grads.sgd_update(ir, params, gradients, {}, replace(PARITY_OPTIMIZER, lr=lr))
+        after = grads.loss_at(ir, trial, x, y, masks, bn_unbiased)
+        if 0.9 * loss <= after <= loss:
+            break
+        lr /= 4
+    return lr
+
+
+def _oracle(case_id, ir, weights, x, y, seed, bn_unbiased, flips=(), opt=None, masks=None) -> TrainingCase:
+    """TRAIN_STEPS oracle steps; ``flips[k]`` are the near-tie windows resolved the other way at step k."""
+    from dataclasses import replace
+
+    params = {k: v.astype(np.float64) for k, v in weights.items()}
+    momentum, losses, steps = None, [], []
+    for k in range(TRAIN_STEPS):
+        step_flips = flips[k] if k < len(flips) else ()
+        loss, g, updates, used = grads.gradients(ir, params, x, y, masks, seed, bn_unbiased=bn_unbiased,
+                                                 flips=step_flips)
+        if opt is None:
+            opt = replace(PARITY_OPTIMIZER, lr=parity_lr(ir, params, g, loss, x, y, used, bn_unbiased))
+        masks = masks or used
+        params, momentum = grads.sgd_update(ir, params, g, updates, opt, momentum)
+        losses.append(loss)
+        steps.append({n: v.astype(np.float32) for n, v in params.items()})
+    return TrainingCase(case_id, ir, weights, x, y, masks or {}, losses, steps, opt)
+
+
+def op_training_case(op: str, case: dict, seed: int = 0, batch: int = 4, bn_unbiased: bool = True) -> TrainingCase:
+    ir = op_case_ir(op, case, for_training=True)
+    weights = init.probe_weights(ir, seed)
+    x = init._normal(stream(seed, "op.train.input"), (batch, *ir.input_shape)) * case.get("scale", 1.0) + \
+        case.get("shift", 0.0)
+    y = np.random.default_rng(seed).integers(0, int(np.prod(ir.output_shape)), batch)
+    return _oracle(f"train:op:{op}/{case.get('id', '')}", ir, weights, x.astype(np.float32), y, seed, bn_unbiased)
+
+
+TIE_RTOL = 3e-6
+"""Max-pool windows whose two largest values are closer than this (relative to the pooled
+tensor's RMS) are near-ties: fp32 rounding may pick either, and the gradient goes elsewhere."""
+
+
+def maxpool_near_ties(ir, params, x, masks=None) -> list[tuple]:
+    """Near-tied max-pool windows ``(node, n, c, i, j)`` of a train-mode forward.
+
+    Exact ties are benign (copies of one value, or zeros whose ReLU passes no gradient).
+    """
+    from .ops import RefContext, _pool_pad, _windows
+
+    if not any(n.op == "maxpool2d" for n in ir.nodes):
+        return []
+    ctx = RefContext(train=True, masks=dict(masks or {}), rng=np.random.default_rng(0))
+    acts = {n.name: o for n, o in reference.iterate(ir, params, x, ctx, keep=True)}
+    found = []
+    for n in ir.nodes:
+        if n.op != "maxpool2d":
+            continue
+        a = acts[n.inputs[0]]
+        windows = _windows(_pool_pad(a, n.attrs, n.shape[1:], -np.inf), n.attrs["kernel"], n.attrs["stride"], (1, 1),
+                           n.shape[1:])
+        top2 = np.sort(windows.reshape(*windows.shape[:4], -1), axis=-1)[..., -2:]
+        gap = top2[..., 1] - top2[..., 0]
+        scale = float(np.sqrt(np.mean(np.square(a)))) or 1.0
+        near = np.isfinite(gap) & (gap > 0) & (gap < TIE_RTOL * scale)
+        found += [(n.name, *map(int, idx)) for idx in np.argwhere(near)]
+    return found
+
+
+MAX_FLIPPED = 4  # near-ties resolved both ways at most (2**4 trajectories)
+
+
+def _tie_free_case(case_id, ir, weights, seed, bn_unbiased, batches=(4,), tries=8) -> TrainingCase:
+    """Oracle steps on a seeded batch, with max-pool near-ties resolved both ways.
+
+    Near-ties are common in networks that pool pooled maps (GoogLeNet's branch 4): there a
+    step's gradient depends on how fp32 rounding orders two nearly equal values. The batch is
+    the first seeded one with no near-tie at any step; failing that, the one with the fewest,
+    whose near-ties are then resolved both ways: every combination is an alternative
+    trajectory, each an exact float64 computation, and a backend must match one. (Smaller
+    batches have fewer windows but leave BN statistics of late 2x2 maps to 8 values, whose
+    fp32 noise over two steps exceeds the tolerances: 4 images it is.)
+    """
+    classes = int(np.prod(ir.output_shape))
+    best = None
+    for batch in batches:
+        for k in range(tries):
+            s = seed + k
+            x = init._normal(stream(s, "model.train.input"), (batch, *ir.input_shape)).astype(np.float32)
+            y = np.random.default_rng([s, batch]).integers(0, classes, batch)
+            first = maxpool_near_ties(ir, {n: v.astype(np.float64) for n, v in weights.items()}, x)
+            if best is not None and len(first) >= best.near_ties:
+                continue
+            case = _oracle(case_id, ir, weights, x, y, s, bn_unbiased)
+            ties = [first] + [maxpool_near_ties(ir, {n: v.astype(np.float64) for n, v in step.items()}, x, case.masks)
+                              for step in case.steps[:-1]]
+            case.near_ties = sum(len(t) for t in ties)
+            case.tie_windows = ties
+            if case.near_ties == 0:
+                return case
+            if best is None or case.near_ties < best.near_ties:
+                best = case
+    if best.near_ties <= MAX_FLIPPED:
+        import itertools
+
+        flat = [(k, w) for k, windows in enumerate(best.tie_windows) for w in windows]
+        for chosen in itertools.product([False, True], repeat=len(flat)):
+            if not any(chosen):
+                continue
+            flips = [[w for (k, w), c in zip(flat, chosen) if c and k == step] for step in range(TRAIN_STEPS)]
+            alt = _oracle(case_id, ir, best.weights, best.x, best.y, 0, bn_unbiased, flips, best.optimizer, best.masks)
+            best.alternatives.append((alt.losses, alt.steps))
+    return best
+
+
+def model_training_case(model: str, seed: int = 0, bn_unbiased: bool = True) -> TrainingCase:
+    """Two oracle steps of a spec at its test input from its probe weights (cached on disk)."""
+    ir = zoo.load_for_test(model)
+    tag = "u" if bn_unbiased else "b"
+    path = cache_dir() / "training" / f"{model}-{ir.fingerprint()}-s{seed}-{tag}-{code_version()}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            get = lambda prefix: {k[len(prefix):]: f[k] for k in f.files if k.startswith(prefix)}  # noqa: E731
+            steps = [get(f"s{k}:") for k in range(TRAIN_STEPS)]
+            alternatives = [([float(v) for v in f[f"a{j}:losses"]], [get(f"a{j}:s{k}:") for k in range(TRAIN_STEPS)])
+                            for j in range(int(f["n_alternatives"]))]
+            return TrainingCase(f"train:{model}", ir, get("w:"), f["x"], f["y"], get("m:"),
+                                [float(v) for v in f["losses"]], steps,
+                                Optimizer(*(float(v) for v in f["optimizer"])), int(f["near_ties"]), alternatives)
+    weights = init.probe_weights(ir, seed, output_std=MODEL_OUTPUT_STD)
+    case = _tie_free_case(f"train:{model}", ir, weights, seed, bn_unbiased)
+    x, y, ties = case.x, case.y, case.near_ties
+    if ir.trainable_params + ir.non_trainable_params <= CACHE_LIMIT_PARAMS:
+        arrays = {f"w:{k}": v for k, v in weights.items()}
+        arrays.update({f"m:{k}": np.asarray(v) for k, v in case.masks.items()})
+        for k, step in enumerate(case.steps):
+            arrays.update({f"s{k}:{n}": v for n, v in step.items()})
+        for j, (alt_losses, alt_steps) in enumerate(case.alternatives):
+            arrays[f"a{j}:losses"] = np.array(alt_losses, dtype=np.float64)
+            for k, step in enumerate(alt_steps):
+                arrays.update({f"a{j}:s{k}:{n}": v for n, v in step.items()})
+        arrays["n_alternatives"] = np.array(len(case.alternatives))
+        arrays.update(x=x, y=y, losses=np.array(case.losses, dtype=np.float64), near_ties=np.array(ties),
+                      optimizer=np.array([case.optimizer.lr, case.optimizer.momentum, case.optimizer.weight_decay]))
+        save_arrays(path, arrays)
+    return case
+
+
+def step_errors(before_got, got, before_want, want) -> dict[str, tuple[float, float, float]]:
+    """Per parameter: (max abs weight error, weight error / tolerance, update error / tolerance).
+
+    Weight tolerance: WEIGHT_ATOL + WEIGHT_RTOL * |w|, elementwise. Update tolerance:
+    UPDATE_RTOL * max |oracle update| (plus WEIGHT_ATOL), per tensor.
+    """
+    out = {}
+    for name, w in want.items():
+        g = np.asarray(got[name], dtype=np.float64)
+        w = np.asarray(w, dtype=np.float64)
+        err = np.abs(g - w)
+        if not err.size:
+            continue
+        weight_ratio = float((err / (WEIGHT_ATOL + WEIGHT_RTOL * np.abs(w))).max())
+        du_want = w - np.asarray(before_want[name], dtype=np.float64)
+        du_got = g - np.asarray(before_got[name], dtype=np.float64)
+        update_ratio = float(np.abs(du_got - du_want).max() / (WEIGHT_ATOL + UPDATE_RTOL * np.abs(du_want).max()))
+        out[name] = (float(err.max()), weight_ratio, update_ratio)
+    return out
+
+
+def step_mismatches(before_got, got, before_want, want):
+    """(name, max abs error, weight err/tol, update err/tol) of parameters out of tolerance, worst first."""
+    bad = [(n, e, w, u) for n, (e, w, u) in step_errors(before_got, got, before_want, want).items()
+           if not (w <= 1.0 and u <= 1.0)]
+    return sorted(bad, key=lambda b: -max(b[2], b[3]) if np.isfinite(max(b[2], b[3])) else -np.inf)

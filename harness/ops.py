@@ -171,6 +171,10 @@ class RefContext:
         rng: Random generator for masks not supplied.
         updates: New values of non-trainable parameters (BN running statistics) by
             full parameter name, filled in train mode.
+        bn_unbiased: Update the running variance with the unbiased batch variance (the
+            IR's convention); False gives Keras' biased update, to judge such backends.
+        flips: Max-pool windows ``(node, n, c, i, j)`` whose gradient goes to the runner-up
+            instead of the maximum (near-ties that fp32 rounding may resolve either way).
     """
 
     train: bool = False
@@ -178,6 +182,8 @@ class RefContext:
     masks: dict = field(default_factory=dict)
     rng: np.random.Generator | None = None
     updates: dict = field(default_factory=dict)
+    bn_unbiased: bool = True
+    flips: frozenset = frozenset()
 
     def mask(self, shape: Shape, rate: float) -> np.ndarray:
         if self.node not in self.masks:
@@ -498,7 +504,8 @@ def _bn_reference(xs, p, a, ctx: RefContext):
         n = x.size // x.shape[1]
         m = a["momentum"]
         ctx.updates[ctx.node + ".running_mean"] = (1 - m) * p["running_mean"] + m * mean
-        ctx.updates[ctx.node + ".running_var"] = (1 - m) * p["running_var"] + m * var * n / max(n - 1, 1)
+        unbiased = var * n / max(n - 1, 1) if ctx.bn_unbiased else var
+        ctx.updates[ctx.node + ".running_var"] = (1 - m) * p["running_var"] + m * unbiased
     else:
         mean, var = p["running_mean"], p["running_var"]
     y = (x - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + a["eps"])

@@ -28,11 +28,11 @@ class RefResult:
 
 def iterate(ir: IR, params: dict[str, np.ndarray], x: np.ndarray, ctx: RefContext | None = None,
             hook: Callable[[Node, list, np.ndarray], np.ndarray | None] | None = None,
-            dtype=np.float64) -> Iterator[tuple[Node, np.ndarray]]:
+            dtype=np.float64, keep: bool = False) -> Iterator[tuple[Node, np.ndarray]]:
     """Runs the IR node by node, yielding ``(node, output)``.
 
-    Intermediate outputs are dropped after their last use. ``hook(node, inputs, out)`` may
-    change ``params`` and return None to have the node run again.
+    Intermediate outputs are dropped after their last use unless ``keep``.
+    ``hook(node, inputs, out)`` may change ``params`` and return None to have the node run again.
     """
     ctx = ctx or RefContext()
     last = ir.last_use(ctx.train)
@@ -54,9 +54,10 @@ def iterate(ir: IR, params: dict[str, np.ndarray], x: np.ndarray, ctx: RefContex
                     out = _run(node, inputs, params, ctx, dtype)
         env[node.name] = out
         yield node, out
-        for src in node.inputs:
-            if last.get(src) == i:
-                env.pop(src, None)
+        if not keep:
+            for src in node.inputs:
+                if last.get(src) == i:
+                    env.pop(src, None)
 
 
 def _run(node: Node, inputs, params, ctx: RefContext, dtype) -> np.ndarray:

@@ -50,9 +50,14 @@ def test_ok_row_has_the_protocol_figures():
 
 
 def test_unsupported_is_a_row_with_its_reason():
-    row = run_cell(cell(mode="train"), sys.executable, timeout=120)
+    row = run_cell(cell(precision="amp-bf16"), sys.executable, timeout=120)
     assert row["status"] == "unsupported"
-    assert "no backward pass" in row["error"]
+    assert "precision amp-bf16 not supported" in row["error"]
+
+
+def test_train_cell_reports_the_loss():
+    row = run_cell(cell(mode="train"), sys.executable, timeout=120)
+    assert row["status"] == "ok" and 0 < row["last_loss"] < 10
 
 
 @pytest.mark.parametrize("backend, status, text", [
@@ -77,7 +82,7 @@ def test_timeout_kills_the_cell():
 
 def test_sweep_goes_on_after_failures_and_resumes(tmp_path):
     store = Store(tmp_path)
-    cells = [cell("segfault"), cell(), cell(mode="train")]
+    cells = [cell("segfault"), cell(), cell(precision="amp-bf16")]
     rows = sweep(cells, store, lambda b: sys.executable, timeout=120, progress=False)
     assert [r["status"] for r in rows] == ["crash", "ok", "unsupported"]
     assert len(list(store.rows())) == 3
@@ -109,7 +114,7 @@ def test_killing_a_sweep_loses_no_finished_cell(tmp_path):
 
 def test_load_gives_a_dataframe(tmp_path):
     store = Store(tmp_path)
-    sweep([cell(), cell(mode="train")], store, lambda b: sys.executable, timeout=120, progress=False)
+    sweep([cell(), cell(precision="amp-bf16")], store, lambda b: sys.executable, timeout=120, progress=False)
     df = load(tmp_path)
     assert len(df) == 2
     assert {"backend", "model", "mode", "status", "step_median_s", "peak_rss_mb", "timestamp"} <= set(df.columns)

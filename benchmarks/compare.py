@@ -1,0 +1,107 @@
+"""A/B benchmark: the harness's runner cell against a hand-written implementation.
+
+Both sides run in fresh processes with the same core budget and CPU settings (the runner's
+child environment), alternating A, B, A, B... for ``--rounds`` rounds so that drift of the
+machine hits both. The figure is the ratio of the medians of the per-process median step
+times (harness / hand-written), with the per-process medians listed so the spread shows.
+
+    python benchmarks/compare.py --backend torch --impl torch_resnet50 --model resnet50 \\
+        --mode train --batch 16 --rounds 3 --target 1.03
+
+Results are appended to results/benchmarks/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness import backend as registry  # noqa: E402
+from harness.cell import Cell  # noqa: E402
+from harness.env import host_environment, machine_class  # noqa: E402
+from harness.runner import child_environment, python_for, run_cell  # noqa: E402
+
+
+def run_impl(impl: str, cell: Cell, python: str, timeout: float) -> dict:
+    env = child_environment(cell)
+    with tempfile.TemporaryDirectory(prefix="samenet-bench-") as tmp:
+        config, out = Path(tmp) / "cell.json", Path(tmp) / "row.json"
+        config.write_text(json.dumps(cell.to_dict()))
+        proc = subprocess.run([python, str(ROOT / "benchmarks" / "handwritten.py"), impl, str(config), str(out)],
+                              env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+        if not out.exists():
+            return {"status": "error", "error": proc.stderr[-2000:]}
+        return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", required=True)
+    p.add_argument("--impl", required=True, help="module in benchmarks/impls")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--mode", default="train", choices=["train", "infer"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--exec-mode", default=None)
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--threads", type=int, default=registry.default_threads())
+    p.add_argument("--target", type=float, default=None, help="ratio the harness must not exceed")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--name", default=None, help="result file name (default: derived)")
+    args = p.parse_args(argv)
+
+    options = tuple(sorted(tuple(o.split("=", 1)) for o in args.option))
+    cell = Cell(backend=args.backend, model=args.model, mode=args.mode, batch=args.batch, exec_mode=args.exec_mode,
+                options=options, threads=args.threads, warmup=args.warmup, iters=args.iters)
+    python = python_for(args.backend)
+    harness_medians, impl_medians = [], []
+    for r in range(args.rounds):
+        for side in ("harness", "impl"):
+            if side == "harness":
+                row = run_cell(cell, python, args.timeout)
+                if row["status"] != "ok":
+                    print(f"harness cell failed: {row.get('error')}\n{row.get('log_tail', '')}", file=sys.stderr)
+                    return 1
+                harness_medians.append(row["step_median_s"])
+            else:
+                row = run_impl(args.impl, cell, python, args.timeout)
+                if row["status"] != "ok":
+                    print(f"{args.impl} failed: {row.get('error')}", file=sys.stderr)
+                    return 1
+                impl_medians.append(row["step_median_s"])
+            print(f"round {r + 1} {side:8s}: median {row['step_median_s'] * 1e3:9.1f} ms "
+                  f"[p10 {row['step_p10_s'] * 1e3:.1f}, p90 {row['step_p90_s'] * 1e3:.1f}] "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    h, i = statistics.median(harness_medians), statistics.median(impl_medians)
+    ratio = h / i
+    verdict = "" if args.target is None else (" PASS" if ratio <= args.target else " FAIL") + f" (target <= {args.target})"
+    print(f"{args.backend} {args.model} {args.mode} b{args.batch} {cell.exec_mode or 'default'}: harness {h * 1e3:.1f} ms, "
+          f"{args.impl} {i * 1e3:.1f} ms, ratio {ratio:.3f}{verdict}")
+    record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "backend": args.backend,
+              "impl": args.impl, "model": args.model, "mode": args.mode, "batch": args.batch,
+              "exec_mode": args.exec_mode, "options": dict(options), "threads": args.threads, "rounds": args.rounds,
+              "warmup": args.warmup, "iters": args.iters, "harness_medians_s": harness_medians,
+              "impl_medians_s": impl_medians, "ratio": ratio, "target": args.target,
+              "machine_class": machine_class(), **host_environment()}
+    out = ROOT / "results" / "benchmarks" / f"{args.name or f'{args.backend}-{args.impl}-{args.mode}'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    history = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(history + [record], indent=1))
+    return 0 if args.target is None or ratio <= args.target else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The spec-built PyTorch model, driven by a plain hand-written loop (harness overhead benchmark).
+
+The model is built exactly as the runner builds it; only the step loop is written by hand:
+zero_grad, forward, cross-entropy, backward, SGD step, as any PyTorch user would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from backends.torch_backend import TorchBackend
+from harness import zoo
+from harness.backend import BuildConfig, Optimizer
+from harness.cell import weights_for
+from harness.data import synthetic_batch
+
+
+def setup(cell):
+    b = TorchBackend()
+    b.import_framework()
+    b.configure(cell.threads, cell.cpu_settings == "tuned")
+    ir = zoo.load(cell.model, cell.input)
+    config = TorchBackend.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
+                                                     Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
+    b.build(ir, config)
+    b.set_weights(weights_for(ir, cell.seed))
+    model = b.model
+    x, y = synthetic_batch(ir, cell.batch, cell.seed)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.SGD(model.parameters(), lr=cell.lr, momentum=cell.momentum, weight_decay=cell.weight_decay)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def infer():
+        with torch.inference_mode():
+            model(x)
+
+    if cell.mode == "train":
+        model.train()
+        return train, lambda: None
+    model.eval()
+    return infer, lambda: None

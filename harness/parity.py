@@ -1,0 +1,192 @@
+"""Proof of identity as a command: forward and training-step parity per backend and model.
+
+For each backend, a child process in that backend's env (``python -m harness.parity CONFIG
+OUT_DIR``) runs, per model at its test input:
+
+* forward: eval-mode logits from the probe weights against the float64 numpy reference:
+  max absolute error, relative error (max absolute error over max |reference|), and the
+  worst ratio of error to the tolerance (rtol 1e-4, atol 1e-5);
+* training: two steps of the written update rule against the numpy oracle (harness.grads):
+  loss difference (relative, tolerance 1e-5), and after each step the max absolute weight
+  error and the worst error-to-tolerance ratio over every parameter (rtol 1e-4, atol 1e-6),
+  BN running statistics included.
+
+The oracle is numpy's own backward pass (harness.grads), checked against finite differences
+for every op case; it depends on no framework, so no backend judges another.
+
+Each (backend, model) is one row: ``pass``, ``mismatch`` (with the worst offender),
+``unsupported`` (with the reason), ``error`` or ``crash``; a row matching the backend's
+``known_gaps`` carries that reason too. Rows go to the results store (kind ``parity``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROW_VERSION = 1
+
+
+def _forward(b, model: str) -> dict:
+    from .backend import BuildConfig
+    from .conformance import ATOL, RTOL, model_case
+
+    c = model_case(model)
+    b.build(c.ir, BuildConfig())
+    counts = b.param_counts()
+    b.set_weights(c.weights)
+    got, want = b.forward(c.x)[0].astype(np.float64), c.expected[0]
+    err = np.abs(got - want)
+    return {"params_ok": counts == (c.ir.trainable_params, c.ir.non_trainable_params),
+            "params_backend": list(counts), "fwd_max_abs": float(err.max()),
+            "fwd_rel": float(err.max() / np.abs(want).max()),
+            "fwd_worst_ratio": float((err / (ATOL + RTOL * np.abs(want))).max())}
+
+
+def _train(b, model: str, cls) -> dict:
+    from .backend import BuildConfig
+    from .conformance import model_training_case, step_errors
+
+    c = model_training_case(model, bn_unbiased=cls.bn_variance == "unbiased")
+    b.build(c.ir, BuildConfig(optimizer=c.optimizer))
+    b.set_weights(c.weights)
+    if c.masks:
+        b.set_masks(c.masks)
+    batch = b.to_device(c.x, c.y)
+    start = b.get_weights()
+    losses, weights = [], []
+    for _ in c.steps:
+        losses.append(b.loss_value(b.train_step(batch)))
+        weights.append(b.get_weights())
+    best = None
+    for j, (want_losses, want_steps) in enumerate(c.trajectories()):
+        out = {"loss_rel_diff": 0.0, "train_max_abs": 0.0, "train_worst_ratio": 0.0, "train_worst_param": None,
+               "train_lr": c.optimizer.lr, "losses": want_losses, "near_ties": c.near_ties, "trajectory": j}
+        before_got, before_want = start, c.weights
+        for got_loss, loss, got, want in zip(losses, want_losses, weights, want_steps):
+            out["loss_rel_diff"] = max(out["loss_rel_diff"], abs(got_loss - loss) / abs(loss))
+            for name, (err, weight_ratio, update_ratio) in step_errors(before_got, got, before_want, want).items():
+                ratio = max(weight_ratio, update_ratio)
+                out["train_max_abs"] = max(out["train_max_abs"], err)
+                if not np.isfinite(ratio) or ratio > out["train_worst_ratio"]:
+                    out["train_worst_ratio"], out["train_worst_param"] = ratio, name
+            before_got, before_want = got, want
+        if best is None or out["train_worst_ratio"] < best["train_worst_ratio"]:
+            best = out
+    return best
+
+
+def verdict(row: dict) -> tuple[str, str]:
+    """(status, reason) of a measured row."""
+    from .conformance import LOSS_RTOL
+
+    problems = []
+    if not row.get("params_ok", True):
+        problems.append(f"parameter counts {row.get('params_backend')}")
+    if row.get("fwd_worst_ratio", 0) > 1:
+        problems.append(f"logits off by {row['fwd_worst_ratio']:.1f}x the tolerance")
+    if row.get("loss_rel_diff", 0) > LOSS_RTOL:
+        problems.append(f"loss off by {row['loss_rel_diff']:.1e} relative")
+    if not row.get("train_worst_ratio", 0) <= 1:
+        problems.append(f"weights off by {row['train_worst_ratio']:.1f}x the tolerance at {row.get('train_worst_param')}")
+    return ("mismatch", "; ".join(problems)) if problems else ("pass", "")
+
+
+def child(config: dict, out_dir: Path) -> int:
+    """Runs parity for each model in turn, one row file per model, in this backend's env."""
+    from . import backend as registry
+    from .cell import classify_error
+
+    cls = registry.get(config["backend"])
+    probe = cls()
+    probe.import_framework()
+    probe.configure(config["threads"], True)
+    version = probe.version()
+    for model in config["models"]:
+        row = {"backend": cls.name, "model": model, "framework_version": version, "row_version": ROW_VERSION}
+        start = time.perf_counter()
+        try:
+            if config["forward"]:
+                b = cls()
+                b.import_framework()
+                row.update(_forward(b, model))
+            if config["train"]:
+                b = cls()
+                b.import_framework()
+                row.update(_train(b, model, cls))
+            row["status"], row["reason"] = verdict(row)
+        except Exception as exc:  # noqa: BLE001  (each model is its own row)
+            row["status"] = classify_error(exc)
+            row["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+            row["error_detail"] = traceback.format_exc()[-3000:]
+        row["seconds"] = time.perf_counter() - start
+        (out_dir / f"{model}.json").write_text(json.dumps(row, default=float))
+    return 0
+
+
+def run_backend(backend: str, models: list[str], python: str, forward: bool, train: bool, threads: int,
+                timeout: float, on_row=None) -> list[dict]:
+    """Runs the child for a backend, restarting it after a crash; one row per model."""
+    import subprocess
+    import tempfile
+
+    from .cell import Cell
+    from .runner import child_environment
+
+    env = child_environment(Cell(backend=backend, model=models[0], mode="infer", batch=1, threads=threads))
+    rows: dict[str, dict] = {}
+    pending = list(models)
+    with tempfile.TemporaryDirectory(prefix="samenet-parity-") as tmp:
+        out = Path(tmp)
+        while pending:
+            config = {"backend": backend, "models": pending, "forward": forward, "train": train, "threads": threads}
+            (out / "config.json").write_text(json.dumps(config))
+            try:
+                proc = subprocess.run([python, "-m", "harness.parity", str(out / "config.json"), str(out)], env=env,
+                                      cwd=tmp, capture_output=True, text=True, timeout=timeout)
+                tail, failure = (proc.stderr or proc.stdout)[-2000:], f"exit code {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                tail, failure = "", f"timeout after {timeout:.0f} s"
+            progressed = False
+            for model in list(pending):
+                path = out / f"{model}.json"
+                if path.exists():
+                    rows[model] = json.loads(path.read_text())
+                    pending.remove(model)
+                    progressed = True
+                    if on_row:
+                        on_row(rows[model])
+            if pending:  # the child died on pending[0]: record it and go on with the rest
+                model = pending.pop(0)
+                rows[model] = {"backend": backend, "model": model, "status": "crash",
+                               "reason": f"the parity process died ({failure})", "log_tail": tail}
+                if on_row:
+                    on_row(rows[model])
+                if not progressed and not pending:
+                    break
+    for row in rows.values():
+        reason = _gap(backend, row["model"])
+        if reason:
+            row["known_gap"] = reason
+    return [rows[m] for m in models if m in rows]
+
+
+def _gap(backend: str, model: str) -> str | None:
+    from . import backend as registry
+
+    cls = registry.get(backend)
+    return cls.gap_reason(f"model:{model}") or cls.gap_reason(f"train:{model}")
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(Path(argv[0]).read_text())
+    return child(config, Path(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

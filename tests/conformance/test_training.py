@@ -1,0 +1,66 @@
+"""Training parity: two steps of every op case and every spec against the numpy oracle.
+
+From the same weights, batch and dropout masks, the backend's loss must equal the oracle's
+(rtol 1e-5) and every parameter after each step, BN running statistics included, must equal
+the oracle's (rtol 1e-4, atol 1e-6), and so must each tensor's update (new - old) within
+1e-3 of the oracle's largest update in that tensor (harness.conformance.UPDATE_RTOL). The
+oracle follows the backend's BN running-variance convention (``bn_variance``); everything else
+is the written update rule of harness.backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import zoo
+from harness.backend import BuildConfig
+from harness.conformance import LOSS_RTOL, model_training_case, op_case_ids, op_training_case, step_mismatches
+
+CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
+MODELS = zoo.names()
+
+
+def check(backend, case):
+    """Two backend steps; they must match the oracle's trajectory or an alternative one."""
+    backend.build(case.ir, BuildConfig(optimizer=case.optimizer))
+    backend.set_weights(case.weights)
+    if case.masks:
+        backend.set_masks(case.masks)
+    batch = backend.to_device(case.x, case.y)
+    start = backend.get_weights()
+    losses, weights = [], []
+    for _ in case.steps:
+        losses.append(backend.loss_value(backend.train_step(batch)))
+        weights.append(backend.get_weights())
+    failures = []
+    for j, (want_losses, want_steps) in enumerate(case.trajectories()):
+        problem = None
+        before_got, before_want = start, case.weights
+        for k, (got_loss, loss, got, want) in enumerate(zip(losses, want_losses, weights, want_steps), start=1):
+            if got_loss != pytest.approx(loss, rel=LOSS_RTOL):
+                problem = f"step {k} loss {got_loss} != {loss}"
+                break
+            bad = step_mismatches(before_got, got, before_want, want)
+            if bad:
+                problem = (f"step {k}: {len(bad)} parameters off, worst {bad[:3]} "
+                           "(name, max abs err, weight err/tol, update err/tol)")
+                break
+            before_got, before_want = got, want
+        if problem is None:
+            return
+        failures.append(("oracle" if j == 0 else f"alternative {j}") + ": " + problem)
+    ties = f" ({case.near_ties} max-pool near-ties resolved both ways)" if case.near_ties else ""
+    pytest.fail("; ".join(failures[:2]) + ties)
+
+
+@pytest.mark.parametrize("test_id, op, case", CASES, ids=[c[0] for c in CASES])
+def test_op_training_step(backend_cls, new_backend, known_gap, test_id, op, case):
+    known_gap("train:" + test_id)
+    check(new_backend(), op_training_case(op, case, bn_unbiased=backend_cls.bn_variance == "unbiased"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_training_step(backend_cls, new_backend, known_gap, model):
+    known_gap(f"train:{model}")
+    check(new_backend(), model_training_case(model, bn_unbiased=backend_cls.bn_variance == "unbiased"))
