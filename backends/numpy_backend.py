@@ -53,6 +53,11 @@ class NumpyBackend(Backend):
         result = reference.run(self.ir, self.weights, x, train=train, masks=self.masks, dtype=np.float32)
         return [o.astype(np.float32) for o in result.outputs]
 
+    def set_lr(self, lr: float) -> None:
+        from dataclasses import replace
+
+        self.optimizer = replace(self.optimizer, lr=lr)
+
     def set_masks(self, masks) -> None:
         self.masks = dict(masks) if masks else None
 

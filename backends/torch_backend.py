@@ -501,6 +501,10 @@ class TorchBackend(Backend):
     def loss_value(self, loss) -> float:
         return float(loss.item())
 
+    def set_lr(self, lr: float) -> None:
+        for group in (self.optimizer.param_groups if self.optimizer else []):
+            group["lr"] = lr
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

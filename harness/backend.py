@@ -197,6 +197,10 @@ class Backend(abc.ABC):
     def train_step(self, batch) -> Any:
         """One training step per the module's contract; returns the loss (not synchronised)."""
 
+    def set_lr(self, lr: float) -> None:
+        """Changes the learning rate of later train steps (schedules; momentum buffers kept)."""
+        raise UnsupportedError(f"backend {self.name}: changing the learning rate is not supported")
+
     def loss_value(self, loss) -> float:
         """A loss returned by ``train_step`` as a Python float (synchronises)."""
         return float(np.asarray(loss))

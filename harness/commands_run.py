@@ -1,6 +1,8 @@
-"""The ``run`` command: a sweep of measurement cells, then a table."""
+"""The measuring commands: run (speed and memory), parity (proof of identity), train (accuracy)."""
 
 from __future__ import annotations
+
+import time
 
 from . import backend as registry
 from . import zoo
@@ -263,3 +265,136 @@ def cmd_parity(args) -> int:
 
 
 cmd_parity.configure = _configure_parity
+
+
+def _configure_train(p):
+    from .training import SCHEDULES
+
+    p.add_argument("--models", default="lenet5", help="comma-separated models (default lenet5)")
+    p.add_argument("--backends", default="torch", help="comma-separated backends or 'all'")
+    p.add_argument("--data", default="digits", help="digits, synthetic, mnist:PATH, cifar10:PATH or folder:PATH")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--time-budget", type=float, help="seconds of training per run (stops at the first step past it)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--step-epochs", type=int, default=5, help="step schedule: epochs between decays")
+    p.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (initial weights and batch order)")
+    p.add_argument("--target-acc", type=float, help="test accuracy whose training time is reported (e.g. 0.95)")
+    p.add_argument("--log-steps", action="store_true", help="record every step's loss, not only the first epoch's")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="spec argument, e.g. classes=10")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--exec-mode", default=None)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--timeout", type=float, default=7200, help="seconds per run before it is killed")
+    p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
+    p.add_argument("--python", action="append", metavar="BACKEND=PATH", help="interpreter of a backend's env")
+
+
+def train_tables(df):
+    """Per-run table, then per-backend agreement: accuracy spread and first-epoch loss curves."""
+    import numpy as np
+
+    runs = []
+    for _, r in df.iterrows():
+        if r["status"] == "ok":
+            ttt = r.get("time_to_target_s")
+            runs.append((r["model"], r["backend"], r["seed"], r["epochs_done"], f"{r['final_test_acc']:.4f}",
+                         f"{r['best_test_acc']:.4f}", f"{r['train_loss'][-1]:.4f}", f"{r['train_time_s'][-1]:.1f}",
+                         "" if ttt is None or ttt != ttt else f"{ttt:.1f}", "ok"))
+        else:
+            runs.append((r["model"], r["backend"], r["seed"], "", "", "", "", "", "", f"{r['status']}: {r.get('error')}"))
+    first = table("training runs", ["model", "backend", "seed", "epochs", "final test acc", "best test acc",
+                                    "last train loss", "train s", "s to target", "status"], runs,
+                  right=["seed", "epochs", "final test acc", "best test acc", "last train loss", "train s",
+                         "s to target"])
+    ok = df[df["status"] == "ok"]
+    rows = []
+    for model, g in ok.groupby("model"):
+        means = g.groupby("backend")["final_test_acc"].agg(["mean", "std", "count"])
+        spread = (means["mean"].max() - means["mean"].min()) * 100 if len(means) > 1 else 0.0
+        curve_gap = 0.0
+        for seed, gs in g.groupby("seed"):
+            curves = [np.asarray(c[0]) for c in gs["step_loss"] if c]
+            n = min(len(c) for c in curves) if curves else 0
+            if len(curves) > 1 and n:
+                stack = np.stack([c[:n] for c in curves])
+                curve_gap = max(curve_gap, float((stack.max(0) - stack.min(0)).max()))
+        for backend, m in means.iterrows():
+            rows.append((model, backend, int(m["count"]), f"{m['mean'] * 100:.2f}",
+                         f"{(m['std'] if m['count'] > 1 else 0) * 100:.2f}", f"{spread:.2f}", f"{curve_gap:.2e}"))
+    second = table("agreement across backends", ["model", "backend", "seeds", "mean test acc %", "std %",
+                                                 "spread of means (pp)", "max first-epoch loss gap"], rows,
+                   right=["seeds", "mean test acc %", "std %", "spread of means (pp)", "max first-epoch loss gap"],
+                   caption="spread: largest minus smallest backend mean (target <= 1 pp); loss gap: largest "
+                           "difference between backends' per-step training losses in epoch 1, same seed")
+    return first, second
+
+
+@command("train", "Train on real data in each backend: accuracy, loss curves, time to target")
+def cmd_train(args) -> int:
+    import json
+    import subprocess
+    import tempfile
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .cli import parse_sets
+    from .datasets import load as load_data
+    from .runner import child_environment
+    from .training import TrainConfig
+
+    known = registry.names()
+    backends = parse_list(args.backends, "--backends", known, known)
+    models = parse_list(args.models, "--models", None, zoo.names())
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
+    overrides = parse_sets(args.set)
+    threads = args.threads or registry.default_threads()
+    pythons = {b: python_for(b, _pairs(args.python, "--python")) for b in backends}
+    store = Store(args.results, "train")
+    err = console(stderr=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="samenet-train-") as tmp:
+        for model in models:
+            ir = zoo.load(model, overrides=overrides or None, check=not overrides)
+            data_path = load_data(args.data, ir).save(Path(tmp) / f"{model}-data.npz")
+            for seed in seeds:
+                for b in backends:
+                    config = TrainConfig(b, model, args.data, args.epochs, args.time_budget, args.batch_size, args.lr,
+                                         args.schedule, args.step_epochs, args.gamma, args.momentum,
+                                         args.weight_decay, seed, args.target_acc, args.log_steps, args.device,
+                                         args.exec_mode, threads, overrides)
+                    cfg, out = Path(tmp) / "config.json", Path(tmp) / "row.json"
+                    cfg.write_text(json.dumps(asdict(config)))
+                    out.unlink(missing_ok=True)
+                    env = child_environment(Cell(backend=b, model=model, mode="train", batch=1, threads=threads))
+                    start = time.perf_counter()
+                    try:
+                        proc = subprocess.run([pythons[b], "-m", "harness.training", str(cfg), str(data_path),
+                                               str(out)], env=env, cwd=tmp, capture_output=True, text=True,
+                                              timeout=args.timeout)
+                        tail = (proc.stderr or "")[-2000:]
+                    except subprocess.TimeoutExpired:
+                        tail = f"timeout after {args.timeout:.0f} s"
+                    row = json.loads(out.read_text()) if out.exists() else \
+                        {**asdict(config), "status": "crash", "error": tail.strip().splitlines()[-1] if tail else "no result"}
+                    row.update(wall_s=time.perf_counter() - start, data=args.data)
+                    store.write(row)
+                    rows.append(row)
+                    acc = f"test acc {row['final_test_acc']:.4f}" if row["status"] == "ok" else row.get("error")
+                    err.print(f"{b} {model} seed {seed}: {row['status']} {acc}", markup=False)
+    out = console()
+    for t in train_tables(pd.DataFrame(rows)):
+        out.print(t)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+cmd_train.configure = _configure_train

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import grads, init, reference, zoo
 from .backend import Optimizer
+from .errors import UsageError
 from .init import stream
 from .ir import IR, build_ir
 from .ops import OPS
@@ -149,6 +150,31 @@ UPDATE_RTOL = 1e-3
 the oracle's largest update. Weights after a sane step differ from the start by little, so
 weight tolerances alone would pass a wrong gradient in a layer whose update is small; the
 update check is scale-free: fp32 noise (1e-5..1e-4) passes, a wrong backward fails."""
+
+
+QUICK_TRAINING_MODELS = (
+    "lenet5", "alexnet", "nin", "squeezenet1_1", "resnet18", "resnet50_sd", "mobilenet_v2",
+    "mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0", "googlenet",
+)
+"""Specs whose training parity runs in every backend's test env (CI). Together they train
+every op of the table and every combinator (add, concat, mul, split, drop_path) inside a
+network, at the cost of minutes. The whole zoo runs with ``--training-models all`` or
+``samenet parity``; deep nets (Inception, DenseNet) need it most, and their step 2 is where
+fp32 drift is largest (see README, "Training parity")."""
+
+
+def training_models(selection: str) -> list[str]:
+    """The specs named by a ``--training-models`` value: quick, all, or a comma list."""
+    if selection == "quick":
+        return [m for m in QUICK_TRAINING_MODELS if m in zoo.names()]
+    if selection == "all":
+        return zoo.names()
+    chosen = [m.strip() for m in selection.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in zoo.names()]
+    if unknown:
+        raise UsageError(f"--training-models: unknown spec(s) {', '.join(unknown)} (quick, all, or names from "
+                         "`samenet list`)")
+    return chosen
 
 
 @dataclass

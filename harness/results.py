@@ -55,7 +55,10 @@ class Store:
         row.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         stamp = row["timestamp"].replace(":", "").replace("-", "")[:15]
         label = "-".join(str(row.get(k, "")) for k in ("backend", "model", "mode"))
-        name = f"{stamp}-{label}-{row.get('cell_key', uuid.uuid4().hex)[:10]}-r{row.get('repeat', 0)}.json"
+        # A random suffix: a forced re-run of the same cell within the same second must not
+        # overwrite the earlier row.
+        name = (f"{stamp}-{label}-{str(row.get('cell_key', ''))[:10]}-r{row.get('repeat', 0)}"
+                f"-{uuid.uuid4().hex[:6]}.json")
         path = self.dir / name
         tmp = self.dir / f".{name}.{uuid.uuid4().hex[:6]}.tmp"
         tmp.write_text(json.dumps(row, default=str, indent=None))

@@ -10,6 +10,8 @@ import pytest
 def pytest_addoption(parser):
     parser.addoption("--backend", action="append", default=[],
                      help="backend(s) the conformance suite runs against (repeatable)")
+    parser.addoption("--training-models", default="quick",
+                     help="specs whose two-step training parity runs: quick (default), all, or a comma list")
 
 
 @pytest.fixture

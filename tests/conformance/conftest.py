@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from harness import backend as registry
+from harness.conformance import training_models
 
 _instances: dict[str, object] = {}
 
@@ -22,6 +23,8 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
+    if "training_model" in metafunc.fixturenames:
+        metafunc.parametrize("training_model", training_models(metafunc.config.getoption("--training-models")))
     if "backend_name" in metafunc.fixturenames:
         names = metafunc.config.getoption("--backend")
         if names:

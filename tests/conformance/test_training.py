@@ -1,4 +1,6 @@
-"""Training parity: two steps of every op case and every spec against the numpy oracle.
+"""Training parity: two steps of every op case and of chosen specs against the numpy oracle.
+
+Specs: harness.conformance.QUICK_TRAINING_MODELS by default, ``--training-models all`` for all.
 
 From the same weights, batch and dropout masks, the backend's loss must equal the oracle's
 (rtol 1e-5) and every parameter after each step, BN running statistics included, must equal
@@ -13,12 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import zoo
 from harness.backend import BuildConfig
 from harness.conformance import LOSS_RTOL, model_training_case, op_case_ids, op_training_case, step_mismatches
 
 CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
-MODELS = zoo.names()
 
 
 def check(backend, case):
@@ -60,7 +60,6 @@ def test_op_training_step(backend_cls, new_backend, known_gap, test_id, op, case
     check(new_backend(), op_training_case(op, case, bn_unbiased=backend_cls.bn_variance == "unbiased"))
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_model_training_step(backend_cls, new_backend, known_gap, model):
-    known_gap(f"train:{model}")
-    check(new_backend(), model_training_case(model, bn_unbiased=backend_cls.bn_variance == "unbiased"))
+def test_model_training_step(backend_cls, new_backend, known_gap, training_model):
+    known_gap(f"train:{training_model}")
+    check(new_backend(), model_training_case(training_model, bn_unbiased=backend_cls.bn_variance == "unbiased"))
