@@ -74,7 +74,7 @@ def parse_list(text: str, option: str, known: list[str] | None = None, all_value
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from . import commands, commands_run  # noqa: F401  (registers the commands)
+    from . import commands, commands_report, commands_run  # noqa: F401  (registers the commands)
 
     parser = _Parser(prog=PROG, description="One CNN description, built identically in every framework, "
                      "proven identical, then measured.")

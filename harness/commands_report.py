@@ -1,0 +1,94 @@
+"""The reading commands: table (terminal comparison), report (HTML + Markdown), check (regressions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli import command, parse_list
+from .errors import UsageError
+
+
+def _add_selection(p, kind_help: str):
+    p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
+    p.add_argument("--kind", default=None, help=kind_help)
+    p.add_argument("--models", help="comma-separated models (default: all in the results)")
+    p.add_argument("--backends", help="comma-separated backends (default: all in the results)")
+
+
+def _list(text: str | None, option: str) -> list[str] | None:
+    return parse_list(text, option) if text else None
+
+
+def load_rows(root, kind: str, sources=("bench", "train", "parity")) -> dict:
+    """The rows a table or report needs: {"bench": rows of ``kind``, "train": ..., "parity": ...}."""
+    from .results import default_root, load
+
+    root = Path(root) if root else default_root()
+    stores = {"bench": kind, "train": "train", "parity": "parity"}
+    return {s: load(root, stores[s]) for s in sources}
+
+
+def quick_filter(df):
+    """The cells of ``run --quick`` measured on this machine (what the tox envs compare)."""
+    from .commands_run import QUICK
+    from .env import machine_class
+
+    if df.empty:
+        return df
+    models = QUICK["models"].split(",")
+    modes = QUICK["modes"].split(",")
+    batches = [int(b) for b in QUICK["batch_sizes"].split(",")]
+    keep = df["model"].isin(models) & df["mode"].isin(modes) & df["batch"].isin(batches)
+    if "machine_class" in df:
+        keep &= df["machine_class"] == machine_class()
+    return df[keep]
+
+
+def _configure_table(p):
+    from .tables import DEFAULT_METRICS, METRICS
+
+    _add_selection(p, "store of the timing rows (default: bench; quick with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="the cells of 'run --quick' on this machine, every backend in the quick store")
+    p.add_argument("--this-machine", action="store_true", help="only rows measured on this machine class")
+    p.add_argument("--baseline", default="auto",
+                   help="backend the ratios refer to: a backend name, auto (torch when present) or none")
+    p.add_argument("--metric", help=f"comma-separated, of {', '.join(METRICS)} (default: {','.join(DEFAULT_METRICS)}; "
+                                    "with --quick: step,throughput,memory)")
+
+
+@command("table", "Compare backends: backend x model tables of speed, memory, accuracy and parity")
+def cmd_table(args) -> int:
+    from .display import console
+    from .env import machine_class
+    from .tables import DEFAULT_METRICS, METRICS, pivot, to_rich
+
+    kind = args.kind or ("quick" if args.quick else "bench")
+    default = ("step", "throughput", "memory") if args.quick else DEFAULT_METRICS
+    metrics = parse_list(args.metric, "--metric", list(METRICS)) if args.metric else list(default)
+    sources = sorted({METRICS[m].source for m in metrics})
+    rows = load_rows(args.results, kind, sources)
+    if "bench" in rows:
+        if args.quick:
+            rows["bench"] = quick_filter(rows["bench"])
+        elif args.this_machine and not rows["bench"].empty:
+            rows["bench"] = rows["bench"][rows["bench"]["machine_class"] == machine_class()]
+    if all(r.empty for r in rows.values()):
+        where = args.results or "results/"
+        raise UsageError(f"no rows of kind {', '.join(kind if s == 'bench' else s for s in sources)} in {where} "
+                         f"(measure first: samenet run{' --quick' if args.quick else ''})")
+    models, backends = _list(args.models, "--models"), _list(args.backends, "--backends")
+    out = console()
+    for name in metrics:
+        m = METRICS[name]
+        p = pivot(rows[m.source], name, args.baseline, models, backends)
+        if p.empty:
+            label = kind if m.source == "bench" else m.source
+            out.print(f"{m.label}: no {label} rows" + (" for these models/backends" if models or backends else ""),
+                      markup=False)
+            continue
+        out.print(to_rich(p))
+    return 0
+
+
+cmd_table.configure = _configure_table
