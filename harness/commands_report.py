@@ -92,3 +92,30 @@ def cmd_table(args) -> int:
 
 
 cmd_table.configure = _configure_table
+
+
+def _configure_report(p):
+    _add_selection(p, "store of the timing rows (default: bench)")
+    p.add_argument("--out", help="folder of report.html, report.md and its PNGs (default: <results>/report)")
+    p.add_argument("--baseline", default="auto", help="backend the ratios refer to (auto: torch when present; none)")
+    p.add_argument("--title", default="samenet report")
+
+
+@command("report", "Write an HTML page and a Markdown file of tables, plots and environments from the results")
+def cmd_report(args) -> int:
+    from .display import console
+    from .report import write
+    from .results import default_root
+
+    root = Path(args.results) if args.results else default_root()
+    frames = load_rows(root, args.kind or "bench")
+    if all(f.empty for f in frames.values()):
+        raise UsageError(f"no rows in {root} (kinds {args.kind or 'bench'}, train, parity): nothing to report")
+    out_dir = Path(args.out) if args.out else root / "report"
+    html_path, md_path = write(frames, out_dir, baseline=args.baseline, models=_list(args.models, "--models"),
+                               backends=_list(args.backends, "--backends"), title=args.title)
+    console().print(f"wrote {html_path} and {md_path}", markup=False)
+    return 0
+
+
+cmd_report.configure = _configure_report

@@ -134,7 +134,7 @@ def fmt_value(v: float) -> str:
         return f"{v:.1f}"
     if a >= 1:
         return f"{v:.2f}"
-    return f"{v:.2g}" if a < 0.01 else f"{v:.3f}"
+    return f"{v:.3g}"
 
 
 def _ratio_text(metric: Metric, r: float) -> str:
@@ -208,7 +208,10 @@ def index_columns(df, source: str) -> list[str]:
     """The pivot's index levels: the fixed ones of the source plus every configuration column that varies."""
     fixed = {"bench": ["model", "mode", "batch"], "train": ["model", "data", "epochs"], "parity": ["model"]}[source]
     fixed = [c for c in fixed if c in df]
-    extra = [c for c in VARYING if c in df and c not in fixed and df[c].astype(str).nunique() > 1]
+    # Varying within one model: a spec's default input differs between models and is no reason
+    # for a level, the same model measured at two inputs is.
+    extra = [c for c in VARYING if c in df and c not in fixed
+             and (df[c].astype(str).groupby(df["model"]).nunique() > 1).any()]
     if source == "train":
         extra = [c for c in extra if c in ("device", "threads")]
     if source == "parity":

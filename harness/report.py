@@ -1,0 +1,436 @@
+"""The report: one self-contained HTML page and one Markdown file of tables, plots and environment.
+
+``build(rows)`` turns result rows into a list of blocks (headings, paragraphs, tables, figures);
+``write_html`` and ``write_markdown`` render the same blocks, so both files always say the same
+thing. The HTML page embeds its plots as base64 PNG and its style inline: it can be mailed or
+uploaded as one file. The Markdown file refers to PNG files written next to it.
+
+Plots use matplotlib's object API (``matplotlib.figure.Figure``, no pyplot): no global state,
+no display needed. Without matplotlib (the ``report`` extra) the report still has every table
+and says that plots were left out. A kind of row that is missing (no training runs, no parity
+rows, one batch size only) gives a sentence instead of its plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import tables
+
+TIMING_COLUMNS = ("step_median_s", "step_p10_s", "step_p90_s", "step_iqr_s", "step_mean_s", "step_std_s",
+                  "step_min_s", "step_max_s")
+
+
+@dataclass
+class Table:
+    """A table block: column names, rows of strings, and what it shows and how it was measured."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    right: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Figure:
+    """A plot block: a file name (Markdown), PNG bytes and a description (alt text)."""
+
+    name: str
+    png: bytes
+    alt: str
+    caption: str = ""
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+def _plt_figure(width: float, height: float):
+    """A matplotlib Figure not attached to pyplot, or None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure as MplFigure
+    except ImportError:
+        return None
+    return MplFigure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _colors(names) -> dict[str, object]:
+    """One stable color per backend across every plot."""
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]
+    return {n: palette[i % len(palette)] for i, n in enumerate(sorted(names))}
+
+
+def _panel_keys(p: tables.Pivot) -> list[str]:
+    """Index levels other than model: each combination gets its own panel."""
+    return [n for n in p.value.index.names if n != "model"]
+
+
+def bar_plot(p: tables.Pivot, name: str, log: bool = True) -> Figure | None:
+    """Grouped bars per model, one bar per backend, error bars from the pivot's spread."""
+    if p.empty or p.value.isna().all().all():
+        return None
+    panels = _panel_keys(p)
+    groups = list(p.value.groupby(level=panels, sort=True)) if panels else [((), p.value)]
+    colors = _colors(p.value.columns)
+    n_models = max(len(g) for _, g in groups)
+    fig = _plt_figure(max(6.0, 1.2 + 0.9 * n_models * max(1, len(p.value.columns)) / 2), 2.8 * len(groups) + 0.4)
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    width = 0.8 / max(1, len(p.value.columns))
+    for ax, (key, g) in zip(axes, groups):
+        models = [i[0] if isinstance(i, tuple) else i for i in g.index]
+        x = np.arange(len(models))
+        for j, col in enumerate(p.value.columns):
+            v = g[col].to_numpy(dtype=float)
+            lo = p.low.loc[g.index, col].to_numpy(dtype=float)
+            hi = p.high.loc[g.index, col].to_numpy(dtype=float)
+            err = np.vstack([np.nan_to_num(v - lo), np.nan_to_num(hi - v)]).clip(min=0)
+            ax.bar(x + (j - (len(p.value.columns) - 1) / 2) * width, v, width, yerr=err, capsize=2,
+                   label=str(col), color=colors[col])
+        ax.set_xticks(x, models, rotation=30 if len(models) > 6 else 0, ha="right" if len(models) > 6 else "center")
+        ax.set_ylabel(p.metric.unit)
+        if log and np.nanmin(g.to_numpy(dtype=float)) > 0:
+            ax.set_yscale("log")
+        key = key if isinstance(key, tuple) else (key,)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panels, key)) or p.metric.label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, ncols=min(5, len(p.value.columns)))
+    fig.suptitle(f"{p.metric.label} ({p.metric.unit})", fontsize=11)
+    return Figure(name, _png(fig), f"{p.metric.label} per model and backend, error bars: spread",
+                  "error bars: " + ("p10-p90 of the step times" if p.metric.timing else "min-max over repeats"))
+
+
+def scaling_plot(rows, name: str) -> Figure | None:
+    """Throughput against batch size, one line per backend, one panel per (model, mode)."""
+    p = tables.pivot(rows, "throughput", None)
+    if p.empty or "batch" not in p.value.index.names:
+        return None
+    batches = p.value.index.get_level_values("batch").unique()
+    if len(batches) < 2:
+        return None
+    others = [n for n in p.value.index.names if n != "batch"]
+    groups = [(k, g) for k, g in p.value.groupby(level=others, sort=True)
+              if g.index.get_level_values("batch").nunique() > 1]
+    if not groups:
+        return None
+    colors = _colors(p.value.columns)
+    cols = min(3, len(groups))
+    n_rows = -(-len(groups) // cols)
+    fig = _plt_figure(4.2 * cols, 3.2 * n_rows + 0.4)
+    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    for ax, (key, g) in zip(axes, groups):
+        b = g.index.get_level_values("batch").to_numpy(dtype=float)
+        order = np.argsort(b)
+        for col in g.columns:
+            v = g[col].to_numpy(dtype=float)[order]
+            if np.isfinite(v).any():
+                lo = p.low.loc[g.index, col].to_numpy(dtype=float)[order]
+                hi = p.high.loc[g.index, col].to_numpy(dtype=float)[order]
+                ax.plot(b[order], v, marker="o", label=str(col), color=colors[col])
+                ax.fill_between(b[order], lo, hi, alpha=0.2, color=colors[col])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("samples/s")
+        key = key if isinstance(key, tuple) else (key,)
+        ax.set_title(", ".join(str(k) for k in key), fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("throughput against batch size (band: p10-p90)", fontsize=11)
+    return Figure(name, _png(fig), "throughput against batch size per model, mode and backend")
+
+
+def training_plot(rows, name: str) -> Figure | None:
+    """Test accuracy and training loss per epoch, one panel pair per model, one line per backend and seed."""
+    ok = rows[rows["status"] == "ok"] if not rows.empty and "status" in rows else rows
+    if ok.empty or "test_acc" not in ok:
+        return None
+    ok = tables.newest(tables.prepare(ok), "train")
+    models = sorted(ok["model"].unique())
+    colors = _colors(ok["backend"].unique())
+    fig = _plt_figure(9.0, 3.0 * len(models) + 0.4)
+    axes = fig.subplots(len(models), 2, squeeze=False)
+    for (ax_acc, ax_loss), model in zip(axes, models):
+        for _, r in ok[ok["model"] == model].iterrows():
+            epochs = r.get("epoch") or list(range(1, len(r["test_acc"]) + 1))
+            label = f"{r['backend']} seed {r.get('seed', 0)}"
+            ax_acc.plot(epochs, np.asarray(r["test_acc"]) * 100, marker=".", label=label, color=colors[r["backend"]])
+            ax_loss.plot(epochs, r["train_loss"], marker=".", label=label, color=colors[r["backend"]])
+        ax_acc.set_title(f"{model}: test accuracy (%)", fontsize=10)
+        ax_loss.set_title(f"{model}: training loss (epoch mean)", fontsize=10)
+        for ax in (ax_acc, ax_loss):
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        ax_acc.legend(fontsize=7)
+    return Figure(name, _png(fig), "training curves: test accuracy and training loss per epoch")
+
+
+def parity_plot(rows, name: str) -> Figure | None:
+    """Heat map backend x model of log10(error / tolerance); cells not passing are labelled."""
+    p = tables.pivot(rows, "parity", None)
+    if p.empty:
+        return None
+    value, status = p.value.copy(), p.status
+    models = [i[0] if isinstance(i, tuple) else i for i in value.index]
+    data = np.log10(np.clip(value.to_numpy(dtype=float).T, 1e-6, None))
+    fig = _plt_figure(max(5.0, 0.55 * len(models) + 2.5), 0.5 * len(value.columns) + 2.0)
+    ax = fig.subplots()
+    masked = np.ma.masked_invalid(data)
+    im = ax.imshow(masked, cmap="RdYlGn_r", vmin=-4, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+    ax.set_yticks(range(len(value.columns)), [str(c) for c in value.columns])
+    for i, col in enumerate(value.columns):
+        for j, idx in enumerate(value.index):
+            s = status.at[idx, col]
+            if isinstance(s, str) and s != "pass":
+                ax.text(j, i, s[:6], ha="center", va="center", fontsize=7)
+            elif s != s or s is None:
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="grey")
+    fig.colorbar(im, ax=ax, label="log10(error / tol), <= 0 passes")
+    ax.set_title("parity against the numpy oracle", fontsize=11)
+    return Figure(name, _png(fig), "parity heat map: log10 of the largest error over its tolerance")
+
+
+def pivot_table(p: tables.Pivot, title: str) -> Table:
+    names, cols, rows = tables.text_rows(p)
+    return Table(title, names + cols, rows, p.caption, set(cols))
+
+
+def spread_table(rows) -> Table:
+    """Every timing of every ok bench row: the full distribution summary, not only the median."""
+    ok = rows[rows["status"] == "ok"] if "status" in rows else rows
+    ok = tables.newest(ok, "bench").sort_values(["model", "mode", "batch", "backend"], kind="stable")
+    columns = ["backend", "model", "mode", "batch", "repeat", "iters", "median ms", "p10 ms", "p90 ms", "IQR ms",
+               "mean ms", "std ms", "min ms", "max ms", "first step s", "build s", "import s"]
+    out = []
+    for _, r in ok.iterrows():
+        ms = [tables.fmt_value(float(r[c]) * 1e3) if c in r and r[c] == r[c] else "" for c in TIMING_COLUMNS]
+        secs = [tables.fmt_value(float(r[c])) if c in r and r[c] == r[c] else ""
+                for c in ("first_step_s", "build_s", "import_s")]
+        out.append([str(r["backend"]), str(r["model"]), str(r["mode"]), str(r["batch"]), str(r.get("repeat", 0)),
+                    str(r.get("iters", "")), *ms, *secs])
+    return Table("spread of every timing", columns, out,
+                 "Per-process statistics of the timed steps (one row per cell and repeat). "
+                 + tables.how_measured(ok), set(columns[4:]))
+
+
+def environment_table(frames: dict) -> Table:
+    """One line per distinct environment a row was measured in."""
+    import pandas as pd
+
+    parts = []
+    for kind, df in frames.items():
+        if not df.empty:
+            parts.append(df.assign(row_kind=kind))
+    if not parts:
+        return Table("environment", ["no rows"], [])
+    df = pd.concat(parts, ignore_index=True)
+    cols = ["row_kind", "backend", "framework_version", "python", "cpu_model", "cpu_affinity", "memory_gb", "gpu",
+            "threads", "cpu_settings", "thread_env", "machine_class", "git_revision", "git_dirty", "hostname"]
+    for c in cols:
+        if c not in df:
+            df[c] = None
+    df = df.assign(when=df["timestamp"].astype(str) if "timestamp" in df else "")
+    text = df[cols].map(_env_text) if hasattr(df, "map") else df[cols].applymap(_env_text)
+    text["when"] = df["when"]
+    out = []
+    for key, g in text.groupby(cols, sort=True, dropna=False):
+        out.append([*key, str(len(g)), f"{min(g['when'])[:16]} .. {max(g['when'])[:16]}"])
+    names = ["rows of", "backend", "framework", "python", "CPU", "cpus", "memory GB", "GPU", "threads", "CPU settings",
+             "thread variables", "machine class", "git revision", "dirty", "host", "rows", "measured (UTC)"]
+    return Table("environment of each run", names, out,
+                 "Timings are comparable only within one machine class (CPU model x cores x GPU); the framework's "
+                 "own CPU settings of each row are in its 'settings' column (harness.results.load()).", {"rows"})
+
+
+def _env_text(v) -> str:
+    if isinstance(v, dict):
+        return " ".join(f"{k}={x}" for k, x in sorted(v.items()))
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))  # a column with gaps is float in pandas: 2.0 cpus is 2
+    return str(v)
+
+
+def failures_table(frames: dict) -> Table | None:
+    out = []
+    for kind, df in frames.items():
+        if df.empty or "status" not in df:
+            continue
+        bad = df[~df["status"].isin(["ok", "pass"])]
+        for _, r in bad.iterrows():
+            reason = r.get("error") if isinstance(r.get("error"), str) else r.get("reason")
+            out.append([kind, str(r.get("backend")), str(r.get("model")), str(r.get("mode", "") or ""),
+                        str(r["status"]), str(reason or "")[:160]])
+    if not out:
+        return None
+    return Table("cells that did not finish or pass", ["rows of", "backend", "model", "mode", "status", "reason"],
+                 out, "Every outcome is a row: error, unsupported, oom, timeout and crash rows are kept, not hidden.")
+
+
+def build(frames: dict, baseline: str | None = "auto", models=None, backends=None, plots: bool = True,
+          title: str = "samenet report") -> list:
+    """The report's blocks from rows: {"bench": DataFrame, "train": DataFrame, "parity": DataFrame}."""
+    import pandas as pd
+
+    frames = {k: tables.select(v, models, backends) if not v.empty else v
+              for k, v in {s: frames.get(s, pd.DataFrame()) for s in ("bench", "train", "parity")}.items()}
+    bench, train, parity = frames["bench"], frames["train"], frames["parity"]
+    plots = plots and _has_matplotlib()
+    blocks: list = [Heading(title, 1),
+                    Paragraph(f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from "
+                              f"{len(bench)} bench, {len(train)} train and {len(parity)} parity rows. Every network "
+                              "is built from one spec in every framework; parity proves the builds identical "
+                              "before their speed is compared.")]
+    if not plots:
+        blocks.append(Paragraph("Plots left out: matplotlib is not installed (pip install 'samenet[report]')."))
+
+    blocks.append(Heading("Speed and memory"))
+    if bench.empty:
+        blocks.append(Paragraph("No bench rows: measure with `samenet run` first."))
+    else:
+        for name in ("step", "throughput", "gflops", "first_step", "memory", "gpu_memory"):
+            p = tables.pivot(bench, name, baseline)
+            if p.empty or p.value.isna().all().all():
+                continue
+            blocks.append(pivot_table(p, f"{p.metric.label} ({p.metric.unit})"))
+            if plots and name in ("throughput", "memory"):
+                fig = bar_plot(p, f"{name}.png")
+                if fig:
+                    blocks.append(fig)
+        if plots:
+            fig = scaling_plot(bench, "scaling.png")
+            blocks.append(fig or Paragraph("No batch-size scaling plot: every cell was measured at one batch size."))
+        blocks.append(spread_table(bench))
+
+    blocks.append(Heading("Accuracy"))
+    p = tables.pivot(train, "accuracy", baseline)
+    if p.empty:
+        blocks.append(Paragraph("No train rows: no training curves or accuracy table (run `samenet train`)."))
+    else:
+        blocks.append(pivot_table(p, "final test accuracy (%)"))
+        if plots:
+            fig = training_plot(train, "training.png")
+            blocks.append(fig or Paragraph("No finished training run to plot."))
+
+    blocks.append(Heading("Parity"))
+    p = tables.pivot(parity, "parity", None)
+    if p.empty:
+        blocks.append(Paragraph("No parity rows: no parity heat map (run `samenet parity`)."))
+    else:
+        blocks.append(pivot_table(p, "parity error / tolerance"))
+        if plots:
+            fig = parity_plot(parity, "parity.png")
+            if fig:
+                blocks.append(fig)
+
+    failures = failures_table(frames)
+    if failures:
+        blocks += [Heading("Failures"), failures]
+    blocks += [Heading("Environment"), environment_table(frames)]
+    return blocks
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.85em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+p.caption { font-size: 0.85em; color: #555; max-width: 100em; }
+figure { margin: 1em 0; } img { max-width: 100%; }
+"""
+
+
+def write_html(blocks: list, path: Path) -> Path:
+    """One self-contained page: inline style, plots as data: URIs, no external asset."""
+    esc = html.escape
+    out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+           f"<title>{esc(next((b.text for b in blocks if isinstance(b, Heading)), 'report'))}</title>",
+           f"<style>{CSS}</style></head><body>"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
+        elif isinstance(b, Paragraph):
+            out.append(f"<p>{esc(b.text)}</p>")
+        elif isinstance(b, Table):
+            out.append(f"<h3>{esc(b.title)}</h3><table><thead><tr>"
+                       + "".join(f"<th>{esc(c)}</th>" for c in b.columns) + "</tr></thead><tbody>")
+            for r in b.rows:
+                out.append("<tr>" + "".join(f"<td class='num'>{esc(v)}</td>" if c in b.right else f"<td>{esc(v)}</td>"
+                                            for c, v in zip(b.columns, r)) + "</tr>")
+            out.append("</tbody></table>")
+            if b.caption:
+                out.append(f"<p class='caption'>{esc(b.caption)}</p>")
+        elif isinstance(b, Figure):
+            data = base64.b64encode(b.png).decode("ascii")
+            out.append(f"<figure><img alt='{esc(b.alt)}' src='data:image/png;base64,{data}'>"
+                       + (f"<figcaption>{esc(b.caption)}</figcaption>" if b.caption else "") + "</figure>")
+    out.append("</body></html>")
+    path.write_text("\n".join(out), encoding="utf-8")
+    return path
+
+
+def _md_cell(v: str) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def write_markdown(blocks: list, path: Path) -> Path:
+    """Markdown with pipe tables; each plot is written as a PNG file next to it."""
+    out = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"{'#' * b.level} {b.text}\n")
+        elif isinstance(b, Paragraph):
+            out.append(f"{b.text}\n")
+        elif isinstance(b, Table):
+            out.append(f"**{b.title}**\n")
+            out.append("| " + " | ".join(_md_cell(c) for c in b.columns) + " |")
+            out.append("|" + "|".join(" ---: " if c in b.right else " --- " for c in b.columns) + "|")
+            out += ["| " + " | ".join(_md_cell(v) for v in r) + " |" for r in b.rows]
+            out.append("")
+            if b.caption:
+                out.append(f"_{b.caption}_\n")
+        elif isinstance(b, Figure):
+            (path.parent / b.name).write_bytes(b.png)
+            out.append(f"![{b.alt}]({b.name})\n" + (f"\n_{b.caption}_\n" if b.caption else ""))
+    path.write_text("\n".join(out), encoding="utf-8")
+    return path
+
+
+def write(frames: dict, out_dir: Path, **kw) -> tuple[Path, Path]:
+    """Builds the report and writes ``report.html`` and ``report.md`` (+ PNGs) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = build(frames, **kw)
+    return write_html(blocks, out_dir / "report.html"), write_markdown(blocks, out_dir / "report.md")
