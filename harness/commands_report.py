@@ -119,3 +119,85 @@ def cmd_report(args) -> int:
 
 
 cmd_report.configure = _configure_report
+
+
+def _configure_check(p):
+    from .check import Thresholds
+
+    t = Thresholds()
+    _add_selection(p, "store of the timing rows (default: bench; quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="the rows of 'run --quick' (store 'quick')")
+    p.add_argument("--baseline", help="baseline name in results/baselines/ or a .json path (default: the store's name)")
+    p.add_argument("--update-baseline", action="store_true",
+                   help="write the run's summary into the baseline instead of checking (other configurations "
+                        "already there are kept)")
+    p.add_argument("--speed-tolerance", type=float, default=t.speed_pct, metavar="PCT",
+                   help=f"slowdown always tolerated, percent (default {t.speed_pct:g})")
+    p.add_argument("--spread-factor", type=float, default=t.spread_factor, metavar="K",
+                   help=f"the speed tolerance grows to K x the combined relative IQR of both runs (default "
+                        f"{t.spread_factor:g})")
+    p.add_argument("--memory-tolerance", type=float, default=t.memory_pct, metavar="PCT",
+                   help=f"peak RSS growth tolerated, percent (default {t.memory_pct:g}; at least "
+                        f"--memory-slack MB)")
+    p.add_argument("--memory-slack", type=float, default=t.memory_mb, metavar="MB",
+                   help=f"peak RSS growth always tolerated (default {t.memory_mb:g})")
+    p.add_argument("--accuracy-tolerance", type=float, default=t.accuracy_pp, metavar="PP",
+                   help=f"accuracy drop tolerated at a fixed seed, percentage points (default {t.accuracy_pp:g})")
+    p.add_argument("--parity-factor", type=float, default=t.parity_factor, metavar="X",
+                   help=f"growth of a parity error/tolerance ratio tolerated, factor (default {t.parity_factor:g}; "
+                        f"ratios below {t.parity_floor:g} never regress)")
+    p.add_argument("--verbose", action="store_true", help="list every comparison, not only what regressed")
+
+
+@command("check", "Compare a run with a committed baseline; exit 1 on regression")
+def cmd_check(args) -> int:
+    from collections import Counter
+
+    from .check import (IMPROVED, NEW, NOT_RUN, OK, REGRESSION, SKIPPED, Thresholds, baseline_path, compare,
+                        findings_table, read_baseline, summarize, write_baseline)
+    from .display import console
+    from .results import default_root
+    from .tables import select
+
+    for name in ("speed_tolerance", "spread_factor", "memory_tolerance", "memory_slack", "accuracy_tolerance",
+                 "parity_factor"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+    kind = args.kind or ("quick" if args.quick else "bench")
+    root = Path(args.results) if args.results else default_root()
+    models, backends = _list(args.models, "--models"), _list(args.backends, "--backends")
+    frames = {k: select(v, models, backends) for k, v in load_rows(root, kind).items()}
+    run = summarize(frames)
+    if not run:
+        raise UsageError(f"no rows of kind {kind}, train or parity in {root}: nothing to check")
+    name = args.baseline or kind
+    path = baseline_path(name)
+    out = console()
+    if args.update_baseline:
+        written, kept = write_baseline(path, name, run)
+        out.print(f"wrote {path}: {written} entries from {root}" + (f", {kept} kept" if kept else ""), markup=False)
+        return 0
+    baseline = read_baseline(path)
+    t = Thresholds(args.speed_tolerance, args.spread_factor, args.memory_tolerance, args.memory_slack,
+                   args.accuracy_tolerance, args.parity_factor)
+    findings = compare(baseline["entries"], run, t)
+    counts = Counter(f.verdict for f in findings)
+    shown = findings if args.verbose else [f for f in findings if f.verdict in (REGRESSION, IMPROVED)]
+    if shown:
+        order = {REGRESSION: 0, IMPROVED: 1, SKIPPED: 2, NEW: 3, NOT_RUN: 4, OK: 5}
+        shown = sorted(shown, key=lambda f: order[f.verdict])
+        out.print(findings_table(shown, f"{root} against {path}"))
+    skipped = Counter(f.note for f in findings if f.verdict == SKIPPED)
+    for note, n in skipped.items():
+        out.print(f"skipped {n} comparison(s): {note}", markup=False)
+    for verdict in (NEW, NOT_RUN):
+        if counts[verdict]:
+            out.print(f"{counts[verdict]} configuration(s) {verdict}: " + ", ".join(
+                sorted({f"{f.key.get('backend')}/{f.key.get('model')}" for f in findings if f.verdict == verdict})),
+                markup=False)
+    out.print(f"{len(findings)} comparisons: {counts[REGRESSION]} regression(s), {counts[IMPROVED]} improved, "
+              f"{counts[OK]} ok, {counts[SKIPPED]} skipped", markup=False)
+    return 1 if counts[REGRESSION] else 0
+
+
+cmd_check.configure = _configure_check
