@@ -101,6 +101,7 @@ def bar_plot(p: tables.Pivot, name: str, log: bool = True) -> Figure | None:
         return None
     panels = _panel_keys(p)
     groups = list(p.value.groupby(level=panels, sort=True)) if panels else [((), p.value)]
+    groups = [(k, g) for k, g in groups if np.isfinite(g.to_numpy(dtype=float)).any()]  # panels of failures only
     colors = _colors(p.value.columns)
     n_models = max(len(g) for _, g in groups)
     fig = _plt_figure(max(6.0, 1.2 + 0.9 * n_models * max(1, len(p.value.columns)) / 2), 2.8 * len(groups) + 0.4)
