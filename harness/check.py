@@ -111,7 +111,9 @@ def _plain(v):
 
 
 def _key(row, kind: str) -> dict:
-    return {c: _plain(row.get(c)) for c in KEYS[kind]}
+    from .tables import _options_text
+
+    return {c: _options_text(row.get(c)) if c == "options" else _plain(row.get(c)) for c in KEYS[kind]}
 
 
 def key_text(key: dict) -> str:

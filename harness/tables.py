@@ -29,6 +29,7 @@ A backend run in several execution modes or options gets one column per variant
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -143,11 +144,57 @@ def _ratio_text(metric: Metric, r: float) -> str:
     return f"{r:.2f}x"
 
 
+@lru_cache(maxsize=None)
+def _default_input(model: str) -> str | None:
+    from . import zoo
+
+    try:
+        return "x".join(map(str, zoo.load(model).input_shape))
+    except Exception:  # noqa: BLE001  (a row of a spec since removed or broken: leave it unknown)
+        return None
+
+
+@lru_cache(maxsize=None)
+def _backend_defaults(backend: str) -> tuple[str | None, dict]:
+    from . import backend as registry
+
+    try:
+        cls = registry.get(backend)
+    except Exception:  # noqa: BLE001  (a backend no longer registered)
+        return None, {}
+    return cls.exec_modes[0], {k: v[0] for k, v in cls.options.items()}
+
+
+def fill_defaults(df):
+    """Rows as resolved by the cell: exec mode, options and input filled in where a row left them to the default.
+
+    A cell that crashed or timed out before building records the configuration as asked
+    (exec mode None = the backend's first, input None = the spec's), an ok row what it resolved
+    to; without this they would look like two configurations.
+    """
+    df = df.copy()
+    if "input" in df and "model" in df:
+        df["input"] = [("x".join(map(str, v)) if isinstance(v, (list, tuple)) else
+                        _default_input(m) if v is None or v != v else v) for v, m in zip(df["input"], df["model"])]
+    if "backend" in df and ("exec_mode" in df or "options" in df):
+        modes, opts = [], []
+        for i, b in enumerate(df["backend"]):
+            mode0, opts0 = _backend_defaults(str(b))
+            mode = df["exec_mode"].iat[i] if "exec_mode" in df else None
+            modes.append(mode if isinstance(mode, str) and mode else mode0)
+            o = df["options"].iat[i] if "options" in df else None
+            o = dict(o) if isinstance(o, (list, tuple)) else o if isinstance(o, dict) else {}
+            opts.append({**opts0, **o})
+        df["exec_mode"] = modes
+        df["options"] = opts
+    return df
+
+
 def prepare(df):
-    """Adds the derived columns the metrics use (``parity_ratio``, ``variant``, ``lr_text``)."""
+    """Adds the derived columns the metrics use (``parity_ratio``, ``variant``, ``lr_text``) after ``fill_defaults``."""
     import pandas as pd
 
-    df = df.copy()
+    df = fill_defaults(df) if {"backend", "mode"} <= set(df.columns) else df.copy()
     if "fwd_worst_ratio" in df or "train_worst_ratio" in df:
         cols = [c for c in ("fwd_worst_ratio", "train_worst_ratio") if c in df]
         df["parity_ratio"] = df[cols].apply(pd.to_numeric, errors="coerce").max(axis=1, skipna=True)

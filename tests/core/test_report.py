@@ -39,7 +39,10 @@ def write_bench(root, batches=(2, 8)):
             for mode in ("train", "infer"):
                 for b in batches:
                     store.write(bench_row(backend, model, mode, b, 0.001 * factor * b))
-    store.write({**bench_row("tf", "resnet18", "train", 2, 1.0), "status": "oom", "error": "out of memory"})
+    store.write(bench_row("torch", "resnet18", "train", 2, 1.0, input="3x224x224"))
+    # a cell that died before building records the configuration as asked: defaults left as None
+    store.write({**bench_row("tf", "resnet18", "train", 2, 1.0), "status": "oom", "error": "out of memory",
+                 "exec_mode": None, "input": None, "options": []})
 
 
 def write_train(root):
@@ -74,6 +77,7 @@ def test_pivot_is_backend_by_model_with_ratios_and_spread(tmp_path):
     # the spread pools the timed steps: p10/p90 of the samples, around the median
     assert p.low.loc[("lenet5", "train", 8), "torch"] < 8.0 < p.high.loc[("lenet5", "train", 8), "torch"]
     assert p.status.loc[("resnet18", "train", 2), "tf"] == "oom"
+    assert p.value.loc[("resnet18", "train", 2), "torch"] == pytest.approx(1000.0)  # one line, not two
     text = p.text()
     assert text.loc[("lenet5", "train", 8), "tf"].endswith("2.00x") and "[" in text.loc[("lenet5", "train", 8), "tf"]
     assert text.loc[("resnet18", "train", 2), "tf"] == "oom"
