@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="train", choices=["train", "infer"])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--exec-mode", default=None)
+    p.add_argument("--input", default=None, metavar="CxHxW", help="input per sample (default: the spec's)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
@@ -61,12 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, default=None, help="ratio the harness must not exceed")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--name", default=None, help="result file name (default: derived)")
+    p.add_argument("--python", default=None, metavar="PATH",
+                   help="interpreter with the backend's framework (default: harness.runner.python_for)")
     args = p.parse_args(argv)
 
     options = tuple(sorted(tuple(o.split("=", 1)) for o in args.option))
-    cell = Cell(backend=args.backend, model=args.model, mode=args.mode, batch=args.batch, exec_mode=args.exec_mode,
-                options=options, threads=args.threads, warmup=args.warmup, iters=args.iters)
-    python = python_for(args.backend)
+    shape = tuple(int(d) for d in args.input.split("x")) if args.input else None
+    cell = Cell(backend=args.backend, model=args.model, mode=args.mode, batch=args.batch, input=shape,
+                exec_mode=args.exec_mode, options=options, threads=args.threads, warmup=args.warmup, iters=args.iters)
+    python = args.python or python_for(args.backend)
     harness_medians, impl_medians = [], []
     for r in range(args.rounds):
         for side in ("harness", "impl"):
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
     print(f"{args.backend} {args.model} {args.mode} b{args.batch} {cell.exec_mode or 'default'}: harness {h * 1e3:.1f} ms, "
           f"{args.impl} {i * 1e3:.1f} ms, ratio {ratio:.3f}{verdict}")
     record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "backend": args.backend,
-              "impl": args.impl, "model": args.model, "mode": args.mode, "batch": args.batch,
+              "impl": args.impl, "model": args.model, "input": args.input, "mode": args.mode, "batch": args.batch,
               "exec_mode": args.exec_mode, "options": dict(options), "threads": args.threads, "rounds": args.rounds,
               "warmup": args.warmup, "iters": args.iters, "harness_medians_s": harness_medians,
               "impl_medians_s": impl_medians, "ratio": ratio, "target": args.target,

@@ -1,0 +1,165 @@
+"""A hand-written MindSpore ResNet-50 (v1.5), written the way MindSpore's model repo writes it.
+
+MindSpore ships no vision model zoo with the framework; its users take ResNet-50 from the
+models repository (official/cv/ResNet, src/resnet.py), which this follows: Cells with
+``construct``, a ResidualBlock (1x1, 3x3 carrying the stride, i.e. v1.5, 1x1 expand; a
+conv + BN downsample), convs with pad_mode="same" and no bias, BatchNorm2d(eps=1e-4,
+momentum=0.9), a 7x7/2 stem and a 3x3/2 "same" max pool, ReduceMean over H and W, Flatten,
+Dense. Written here from scratch, no harness code in the model.
+
+Compare with the spec ``resnet50`` (torchvision's v1.5; parameter count checked: 25,557,032
+trainable + 53,120 BN statistics = 25,610,152):
+
+    python benchmarks/compare.py --backend mindspore --impl mindspore_resnet50 --model resnet50 \\
+        --mode train --batch 16 --rounds 3 --target 1.05 --python /tmp/venvs/mindspore/bin/python
+
+Matched to the mindspore backend's default execution mode ``pynative`` (the cells are called
+directly, no ms.jit / GRAPH_MODE). The child environment from harness.runner sets the
+backend's env vars, TUNED_ENV's ONEDNN_MAX_CPU_ISA=AVX2 included (without it oneDNN picks a
+reference NCHW conv kernel on AVX-512 CPUs, ~70x slower); the tuned thread count is set as
+the backend's configure() sets it. Data: harness.data.synthetic_batch, NCHW as the backend
+feeds it, int32 labels (what the sparse cross-entropy takes), made before timing.
+
+Train step: nn.TrainOneStepCell(nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(
+sparse=True, reduction="mean")), nn.Momentum) called with (x, y). Inference:
+``net.set_train(False)``, ``net(x)``. sync: the PyNative executor's sync() on the CPU,
+ms.runtime.synchronize() on a device, as the backend.
+
+How this differs from the harness backend and from the spec:
+    * Padding: "same" pads, as the model repo writes them (TF's rule: at 224x224 the 3x3/2
+      convs and the stem max pool pad 0 before / 1 after, the 7x7/2 stem 2 / 3; the spec pads
+      symmetrically, 1 and 3): the same output sizes, the same work. The backend uses
+      pad_mode="pad" with the spec's explicit pads, and -inf padding + VALID pooling for max
+      pools.
+    * Weight decay: one parameter group with the weight decay, so every trainable parameter
+      is decayed, as the backend does (and as the harness contract says). The model repo's
+      train.py often leaves BN gamma/beta and biases out of the decay (a few hundred
+      thousand fewer element-wise updates: negligible).
+    * BN eps 1e-4 (model repo) instead of the spec's 1e-5; initialisation MindSpore's
+      defaults (no effect on speed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+os.environ.setdefault("GLOG_v", "3")
+
+import mindspore as ms  # noqa: E402
+from mindspore import nn, ops  # noqa: E402
+
+from harness import zoo  # noqa: E402
+from harness.data import synthetic_batch  # noqa: E402
+
+
+def _conv(cin, cout, k, stride=1):
+    return nn.Conv2d(cin, cout, kernel_size=k, stride=stride, pad_mode="same", has_bias=False)
+
+
+def _bn(c):
+    return nn.BatchNorm2d(c, eps=1e-4, momentum=0.9)
+
+
+class ResidualBlock(nn.Cell):
+    expansion = 4
+
+    def __init__(self, in_channel, out_channel, stride=1):
+        super().__init__()
+        channel = out_channel // self.expansion
+        self.conv1 = _conv(in_channel, channel, 1)
+        self.bn1 = _bn(channel)
+        self.conv2 = _conv(channel, channel, 3, stride)
+        self.bn2 = _bn(channel)
+        self.conv3 = _conv(channel, out_channel, 1)
+        self.bn3 = _bn(out_channel)
+        self.relu = nn.ReLU()
+        self.down_sample = stride != 1 or in_channel != out_channel
+        self.down_sample_layer = None
+        if self.down_sample:
+            self.down_sample_layer = nn.SequentialCell([_conv(in_channel, out_channel, 1, stride), _bn(out_channel)])
+
+    def construct(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.down_sample:
+            identity = self.down_sample_layer(identity)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Cell):
+    def __init__(self, layer_nums, in_channels, out_channels, strides, num_classes):
+        super().__init__()
+        self.conv1 = _conv(3, 64, 7, 2)
+        self.bn1 = _bn(64)
+        self.relu = ops.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
+        self.layer1 = self._make_layer(layer_nums[0], in_channels[0], out_channels[0], strides[0])
+        self.layer2 = self._make_layer(layer_nums[1], in_channels[1], out_channels[1], strides[1])
+        self.layer3 = self._make_layer(layer_nums[2], in_channels[2], out_channels[2], strides[2])
+        self.layer4 = self._make_layer(layer_nums[3], in_channels[3], out_channels[3], strides[3])
+        self.mean = ops.ReduceMean(keep_dims=True)
+        self.flatten = nn.Flatten()
+        self.end_point = nn.Dense(out_channels[3], num_classes, has_bias=True)
+
+    @staticmethod
+    def _make_layer(layer_num, in_channel, out_channel, stride):
+        layers = [ResidualBlock(in_channel, out_channel, stride)]
+        layers += [ResidualBlock(out_channel, out_channel, 1) for _ in range(1, layer_num)]
+        return nn.SequentialCell(layers)
+
+    def construct(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.mean(x, (2, 3))
+        return self.end_point(self.flatten(x))
+
+
+def resnet50(class_num=1000):
+    return ResNet([3, 4, 6, 3], [64, 256, 512, 1024], [256, 512, 1024, 2048], [1, 2, 2, 2], class_num)
+
+
+def setup(cell):
+    mode = cell.exec_mode or "pynative"
+    if mode != "pynative":
+        raise ValueError(f"mindspore_resnet50: exec mode {mode} not written (pynative only)")
+    kind, _, index = cell.device.partition(":")
+    target = {"cpu": "CPU", "cuda": "GPU", "ascend": "Ascend"}[kind]
+    ms.set_device(target, int(index or 0))
+    if cell.cpu_settings == "tuned":  # as the backend's configure()
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+        ms.device_context.cpu.op_tuning.threads_num(cell.threads)
+    ms.set_seed(cell.seed)
+
+    net = resnet50(1000)
+    count = sum(int(np.prod(p.shape)) for p in net.get_parameters())
+    spec_ir = zoo.load("resnet50", cell.input)
+    spec_params = spec_ir.trainable_params + spec_ir.non_trainable_params
+    print(f"mindspore resnet50: {count:,} parameters; spec resnet50: {spec_params:,}", flush=True)
+    assert count == spec_params, (count, spec_params)
+
+    ir = zoo.load(cell.model, cell.input)
+    x, y = synthetic_batch(ir, cell.batch, cell.seed)
+    x, y = ms.Tensor(x), ms.Tensor(y.astype(np.int32))
+
+    loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    opt = nn.Momentum([{"params": net.trainable_params(), "weight_decay": float(cell.weight_decay)}],
+                      learning_rate=float(cell.lr), momentum=float(cell.momentum))
+    train_net = nn.TrainOneStepCell(nn.WithLossCell(net, loss), opt)
+
+    def sync():
+        if target == "CPU":
+            from mindspore.common.api import _pynative_executor
+
+            _pynative_executor.sync()
+        else:
+            ms.runtime.synchronize()
+
+    if cell.mode == "train":
+        train_net.set_train(True)
+        return (lambda: train_net(x, y)), sync
+    net.set_train(False)
+    return (lambda: net(x)), sync
