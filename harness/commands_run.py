@@ -117,15 +117,10 @@ def cells_from_args(args) -> list[Cell]:
 
 
 def how_measured(df) -> str:
-    """One line saying how the timings in ``df`` were measured."""
-    def values(col):
-        vals = sorted({str(v) for v in df[col].dropna()}) if col in df else []
-        return "/".join(vals) if vals else "?"
+    """One paragraph saying how the timings in ``df`` were measured (see harness.tables)."""
+    from .tables import how_measured as measured
 
-    return (f"median of {values('iters')} timed steps (p10-p90 in brackets) after 1 first step and "
-            f"{values('warmup')} untimed warm-up steps, each step ending with a device synchronisation; "
-            f"threads {values('threads')}, CPU settings {values('cpu_settings')}, device {values('device')}, "
-            f"precision {values('precision')}; one process per cell; first step includes tracing/compilation")
+    return measured(df) + " p10-p90 of the steps in brackets; the first step includes tracing/compilation."
 
 
 def results_table(df, title: str):
