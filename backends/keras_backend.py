@@ -49,6 +49,8 @@ Layout and conventions (harness/ops.py holds the canonical ones):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gc
 import math
 import os
@@ -779,7 +781,7 @@ class KerasTFBackend(Backend):
             for v, g, buf in zip(self.tvars, grads, self.momentum_bufs):
                 if g is None:  # PyTorch's SGD skips parameters without a gradient
                     continue
-                lr, mom = tf.constant(opt.lr, v.dtype), tf.constant(opt.momentum, v.dtype)
+                lr, mom = tf.cast(self.lr_var, v.dtype), tf.constant(opt.momentum, v.dtype)
                 if opt.weight_decay:
                     g = g + opt.weight_decay * tf.convert_to_tensor(v)
                 tf.raw_ops.ResourceApplyMomentum(var=v.handle, accum=buf.handle, lr=lr, grad=g, momentum=mom,
@@ -864,8 +866,15 @@ class KerasTFBackend(Backend):
         if self.momentum_bufs is None:
             with tf.device(self.device):
                 self.momentum_bufs = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.tvars]
+                # A variable, not a constant, so that a schedule's set_lr needs no retrace.
+                self.lr_var = tf.Variable(self.config.optimizer.lr, trainable=False, dtype=tf.float64)
         self._last = self._train(batch[0], batch[1])
         return self._last
+
+    def set_lr(self, lr: float) -> None:
+        self.config = replace(self.config, optimizer=replace(self.config.optimizer, lr=lr))
+        if self.momentum_bufs is not None:
+            self.lr_var.assign(lr)
 
     def loss_value(self, loss) -> float:
         return float(loss.numpy())

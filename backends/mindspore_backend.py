@@ -709,6 +709,12 @@ class MindSporeBackend(Backend):
         out = self._train(*batch)
         return out[0] if self.loss_scaled else out
 
+    def set_lr(self, lr: float) -> None:
+        if self.optimizer is not None:  # a Parameter: graph mode reads its new value, no recompile
+            # In place: the compiled optimizer step holds this Parameter; set_data would swap its
+            # storage after the first step and the step would keep the old rate (measured).
+            ops.assign(self.optimizer.learning_rate, Tensor(lr, ms.float32))
+
     def loss_value(self, loss) -> float:
         return float(loss.asnumpy())
 

@@ -658,6 +658,21 @@ class MXNetBackend(Backend):
             self.trainer.step(1)
         return loss
 
+    def set_lr(self, lr: float) -> None:
+        """MXNet's SGD keeps ``state = lr * v`` (PyTorch's v): rescaling the states by
+        new/old keeps the written rule exact across a change. Going to lr 0 loses v."""
+        if self.trainer is None:
+            return
+        old = self.trainer.learning_rate
+        if old != lr:
+            ratio = lr / old if old else 0.0
+            for updater in getattr(self.trainer, "_updaters", []):
+                for state in updater.states.values():
+                    for s in state if isinstance(state, (tuple, list)) else (state,):
+                        if s is not None:
+                            s *= ratio
+        self.trainer.set_learning_rate(lr)
+
     def loss_value(self, loss) -> float:
         return float(loss.asscalar())
 

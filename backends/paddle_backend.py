@@ -674,6 +674,10 @@ class PaddleBackend(Backend):
                 t.clear_gradient(False)
         return loss.detach()
 
+    def set_lr(self, lr: float) -> None:
+        if self.optimizer is not None:  # the step runs in Python in both modes: no retrace needed
+            self.optimizer.set_lr(lr)
+
     def loss_value(self, loss) -> float:
         return float(loss.item())
 

@@ -63,3 +63,23 @@ def test_op_training_step(backend_cls, new_backend, known_gap, test_id, op, case
 def test_model_training_step(backend_cls, new_backend, known_gap, training_model):
     known_gap(f"train:{training_model}")
     check(new_backend(), model_training_case(training_model, bn_unbiased=backend_cls.bn_variance == "unbiased"))
+
+
+def test_set_lr_changes_later_steps(backend_cls, new_backend):
+    """Schedules: set_lr before the first step and between steps takes effect (no stale trace)."""
+    op, case = next((op, c) for _, op, c in CASES if op == "conv2d")
+    oracle = op_training_case(op, case, bn_unbiased=backend_cls.bn_variance == "unbiased")
+    backend = new_backend()
+    opt = oracle.optimizer
+    backend.build(oracle.ir, BuildConfig(optimizer=type(opt)(opt.lr * 10, opt.momentum, opt.weight_decay)))
+    backend.set_weights(oracle.weights)
+    backend.set_lr(opt.lr)  # back to the oracle's rate before any step
+    batch = backend.to_device(oracle.x, oracle.y)
+    backend.loss_value(backend.train_step(batch))
+    after_first = backend.get_weights()
+    assert not step_mismatches(oracle.weights, after_first, oracle.weights, oracle.steps[0])
+    backend.set_lr(0.0)  # a frozen step: trainable weights must not move
+    backend.loss_value(backend.train_step(batch))
+    after_second = backend.get_weights()
+    for name, w in after_first.items():
+        np.testing.assert_array_equal(after_second[name], w, err_msg=f"{name} moved with lr 0")
