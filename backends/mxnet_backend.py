@@ -511,9 +511,7 @@ class MXNetBackend(Backend):
         """
         if not tuned:
             return {}
-        n = str(threads)
-        return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
-                "MXNET_CPU_WORKER_NTHREADS": "1", "MXNET_MKLDNN_ENABLED": "1"}
+        return {**super().env_vars(threads, tuned), "MXNET_CPU_WORKER_NTHREADS": "1", "MXNET_MKLDNN_ENABLED": "1"}
 
     def import_framework(self) -> None:
         _import()

@@ -458,9 +458,7 @@ class PaddleBackend(Backend):
         FLAGS_use_mkldnn, its name before 3.x); stock: Paddle's defaults (nothing set)."""
         if not tuned:
             return {}
-        n = str(threads)
-        return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
-                "FLAGS_use_onednn": "1", "FLAGS_use_mkldnn": "1"}
+        return {**super().env_vars(threads, tuned), "FLAGS_use_onednn": "1", "FLAGS_use_mkldnn": "1"}
 
     # ------------------------------------------------------------------ framework calls
 

@@ -252,6 +252,22 @@ def op_training_case(op: str, case: dict, seed: int = 0, batch: int = 4, bn_unbi
     return _oracle(f"train:op:{op}/{case.get('id', '')}", ir, weights, x.astype(np.float32), y, seed, bn_unbiased)
 
 
+def run_training_case(backend, case: TrainingCase):
+    """The backend's side of a training case: ``(start weights, losses, weights after each step)``."""
+    from .backend import BuildConfig
+
+    backend.build(case.ir, BuildConfig(optimizer=case.optimizer))
+    backend.set_weights(case.weights)
+    if case.masks:
+        backend.set_masks(case.masks)
+    batch = backend.to_device(case.x, case.y)
+    start = backend.get_weights()
+    losses, weights = [], []
+    for _ in case.steps:
+        losses.append(backend.loss_value(backend.train_step(batch)))
+        weights.append(backend.get_weights())
+    return start, losses, weights
+
 TIE_RTOL = 3e-6
 """Max-pool windows whose two largest values are closer than this (relative to the pooled
 tensor's RMS) are near-ties: fp32 rounding may pick either, and the gradient goes elsewhere."""

@@ -49,20 +49,10 @@ def _forward(b, model: str) -> dict:
 
 
 def _train(b, model: str, cls) -> dict:
-    from .backend import BuildConfig
-    from .conformance import model_training_case, step_errors
+    from .conformance import model_training_case, run_training_case, step_errors
 
     c = model_training_case(model, bn_unbiased=cls.bn_variance == "unbiased")
-    b.build(c.ir, BuildConfig(optimizer=c.optimizer))
-    b.set_weights(c.weights)
-    if c.masks:
-        b.set_masks(c.masks)
-    batch = b.to_device(c.x, c.y)
-    start = b.get_weights()
-    losses, weights = [], []
-    for _ in c.steps:
-        losses.append(b.loss_value(b.train_step(batch)))
-        weights.append(b.get_weights())
+    start, losses, weights = run_training_case(b, c)
     best = None
     for j, (want_losses, want_steps) in enumerate(c.trajectories()):
         out = {"loss_rel_diff": 0.0, "train_max_abs": 0.0, "train_worst_ratio": 0.0, "train_worst_param": None,

@@ -16,23 +16,15 @@ import numpy as np
 import pytest
 
 from harness.backend import BuildConfig
-from harness.conformance import LOSS_RTOL, model_training_case, op_case_ids, op_training_case, step_mismatches
+from harness.conformance import (LOSS_RTOL, model_training_case, op_case_ids, op_training_case, run_training_case,
+                                 step_mismatches)
 
 CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
 
 
 def check(backend, case):
     """Two backend steps; they must match the oracle's trajectory or an alternative one."""
-    backend.build(case.ir, BuildConfig(optimizer=case.optimizer))
-    backend.set_weights(case.weights)
-    if case.masks:
-        backend.set_masks(case.masks)
-    batch = backend.to_device(case.x, case.y)
-    start = backend.get_weights()
-    losses, weights = [], []
-    for _ in case.steps:
-        losses.append(backend.loss_value(backend.train_step(batch)))
-        weights.append(backend.get_weights())
+    start, losses, weights = run_training_case(backend, case)
     failures = []
     for j, (want_losses, want_steps) in enumerate(case.trajectories()):
         problem = None
