@@ -219,7 +219,7 @@ def _configure_parity(p):
 def cmd_parity(args) -> int:
     import pandas as pd
 
-    from .parity import run_backend
+    from .parity import ACCEPTED, run_backend
 
     known = registry.names()
     overrides = _pairs(args.python, "--python")
@@ -252,7 +252,7 @@ def cmd_parity(args) -> int:
     out = console()
     for m in models:
         out.print(parity_table(df, m))
-    bad = df[~df["status"].isin(["pass"]) & df.get("known_gap", pd.Series(index=df.index, dtype=object)).isna()]
+    bad = df[~df["status"].isin(ACCEPTED) & df.get("known_gap", pd.Series(index=df.index, dtype=object)).isna()]
     summary = df["status"].value_counts().to_dict()
     out.print(f"{len(df)} rows: " + ", ".join(f"{v} {k}" for k, v in summary.items())
               + (f"; {len(bad)} not passing and not a listed known gap" if len(bad) else ""))

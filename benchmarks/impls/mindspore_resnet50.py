@@ -13,8 +13,9 @@ trainable + 53,120 BN statistics = 25,610,152):
     python benchmarks/compare.py --backend mindspore --impl mindspore_resnet50 --model resnet50 \\
         --mode train --batch 16 --rounds 3 --target 1.05 --python /tmp/venvs/mindspore/bin/python
 
-Matched to the mindspore backend's default execution mode ``pynative`` (the cells are called
-directly, no ms.jit / GRAPH_MODE). The child environment from harness.runner sets the
+Matched to the mindspore backend's execution modes: ``pynative`` (default; the cells are
+called directly) and ``graph`` (``--exec-mode graph``: the train Cell and the net each
+wrapped in ms.jit, as the backend wraps its Cells; the first call compiles). The child environment from harness.runner sets the
 backend's env vars, TUNED_ENV's ONEDNN_MAX_CPU_ISA=AVX2 included (without it oneDNN picks a
 reference NCHW conv kernel on AVX-512 CPUs, ~70x slower); the tuned thread count is set as
 the backend's configure() sets it. Data: harness.data.synthetic_batch, NCHW as the backend
@@ -124,8 +125,10 @@ def resnet50(class_num=1000):
 
 def setup(cell):
     mode = cell.exec_mode or "pynative"
-    if mode != "pynative":
-        raise ValueError(f"mindspore_resnet50: exec mode {mode} not written (pynative only)")
+    if mode not in ("pynative", "graph"):
+        raise ValueError(f"mindspore_resnet50: exec mode {mode} not written (pynative, graph)")
+    # graph: ms.jit around the Cell, as the backend compiles it (first call compiles)
+    wrap = ms.jit if mode == "graph" else (lambda c: c)
     kind, _, index = cell.device.partition(":")
     target = {"cpu": "CPU", "cuda": "GPU", "ascend": "Ascend"}[kind]
     ms.set_device(target, int(index or 0))
@@ -160,6 +163,8 @@ def setup(cell):
 
     if cell.mode == "train":
         train_net.set_train(True)
-        return (lambda: train_net(x, y)), sync
+        step = wrap(train_net)
+        return (lambda: step(x, y)), sync
     net.set_train(False)
-    return (lambda: net(x)), sync
+    infer = wrap(net)
+    return (lambda: infer(x)), sync

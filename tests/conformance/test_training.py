@@ -16,14 +16,18 @@ import numpy as np
 import pytest
 
 from harness.backend import BuildConfig
-from harness.conformance import (LOSS_RTOL, model_training_case, op_case_ids, op_training_case, run_training_case,
-                                 step_mismatches)
+from harness.conformance import (FP32_FACTOR, LOSS_RTOL, fp32_floor, model_training_case, op_case_ids,
+                                 op_training_case, run_training_case, step_mismatches, worst_step_error)
 
 CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
 
 
-def check(backend, case):
-    """Two backend steps; they must match the oracle's trajectory or an alternative one."""
+def check(backend, case, bn_unbiased):
+    """Two backend steps; they must match the oracle's trajectory or an alternative one.
+
+    A miss in the weights alone, within FP32_FACTOR of numpy's own float32 error, is an xfail
+    (``fp32-bound``, see harness.conformance): reported with its figures, not passed.
+    """
     start, losses, weights = run_training_case(backend, case)
     failures = []
     for j, (want_losses, want_steps) in enumerate(case.trajectories()):
@@ -43,18 +47,27 @@ def check(backend, case):
             return
         failures.append(("oracle" if j == 0 else f"alternative {j}") + ": " + problem)
     ties = f" ({case.near_ties} max-pool near-ties resolved both ways)" if case.near_ties else ""
+    if all(got == pytest.approx(want, rel=LOSS_RTOL) for want_losses, _ in case.trajectories()[:1]
+           for got, want in zip(losses, want_losses)):
+        ratio, where = min(worst_step_error(start, weights, case.weights, steps) for _, steps in case.trajectories())
+        floor, floor_where = fp32_floor(case, bn_unbiased)
+        if ratio <= FP32_FACTOR * floor:
+            pytest.xfail(f"fp32-bound: weights off by {ratio:.1f}x the tolerance at {where}; numpy's own float32 "
+                         f"steps are off by {floor:.1f}x (at {floor_where})")
     pytest.fail("; ".join(failures[:2]) + ties)
 
 
 @pytest.mark.parametrize("test_id, op, case", CASES, ids=[c[0] for c in CASES])
 def test_op_training_step(backend_cls, new_backend, known_gap, test_id, op, case):
     known_gap("train:" + test_id)
-    check(new_backend(), op_training_case(op, case, bn_unbiased=backend_cls.bn_variance == "unbiased"))
+    unbiased = backend_cls.bn_variance == "unbiased"
+    check(new_backend(), op_training_case(op, case, bn_unbiased=unbiased), unbiased)
 
 
 def test_model_training_step(backend_cls, new_backend, known_gap, training_model):
     known_gap(f"train:{training_model}")
-    check(new_backend(), model_training_case(training_model, bn_unbiased=backend_cls.bn_variance == "unbiased"))
+    unbiased = backend_cls.bn_variance == "unbiased"
+    check(new_backend(), model_training_case(training_model, bn_unbiased=unbiased), unbiased)
 
 
 def test_set_lr_changes_later_steps(backend_cls, new_backend):

@@ -1,0 +1,30 @@
+"""The parity command's verdict: pass, fp32-bound (an accepted exception) or mismatch."""
+
+from harness.conformance import FP32_FACTOR, LOSS_RTOL
+from harness.parity import ACCEPTED, verdict
+
+BASE = {"params_ok": True, "fwd_worst_ratio": 0.1, "loss_rel_diff": LOSS_RTOL / 10}
+
+
+def test_within_tolerance_passes():
+    assert verdict({**BASE, "train_worst_ratio": 0.9}) == ("pass", "")
+
+
+def test_weights_within_the_float32_floor_are_fp32_bound():
+    status, reason = verdict({**BASE, "train_worst_ratio": 3.0, "train_worst_param": "conv.weight",
+                              "fp32_floor_ratio": 2.0, "fp32_floor_param": "fc.weight"})
+    assert status == "fp32-bound" and status in ACCEPTED
+    assert "3.0x" in reason and "conv.weight" in reason and "2.0x" in reason
+
+
+def test_weights_beyond_the_float32_floor_mismatch_with_both_figures():
+    status, reason = verdict({**BASE, "train_worst_ratio": FP32_FACTOR * 2.0 + 0.1, "train_worst_param": "w",
+                              "fp32_floor_ratio": 2.0})
+    assert status == "mismatch" and status not in ACCEPTED
+    assert "4.1x" in reason and "float32 steps: 2.0x" in reason
+
+
+def test_float32_floor_never_excuses_a_wrong_loss_forward_or_parameter_count():
+    excused = {"train_worst_ratio": 1.5, "fp32_floor_ratio": 5.0}
+    for broken in ({"loss_rel_diff": LOSS_RTOL * 10}, {"fwd_worst_ratio": 1.5}, {"params_ok": False}):
+        assert verdict({**BASE, **excused, **broken})[0] == "mismatch", broken
