@@ -147,17 +147,25 @@ def _define_cells():
             return self.bn_infer(x, self.weight, self.bias, self.running_mean, self.running_var)[0]
 
     class _MaxPool(nn.Cell):  # noqa: N801
-        """-inf pads (IR pads plus ceil overhang), then VALID max pooling.
+        """Max pooling with the IR's pads (plus any ceil overhang) as -inf.
 
-        The pads are ops.Pad's zeros plus a constant border of -inf (0 inside): ops.pad
-        (PadV3) has a wrong backward in graph mode from the second step on (MindSpore 2.10,
-        CPU), and ops.Pad pads zeros only.
+        Symmetric pads no larger than half the kernel: nn.MaxPool2d(pad_mode="pad"), which
+        pads with -inf itself. Otherwise -inf pads by hand, then VALID max pooling: ops.Pad's
+        zeros plus a constant border of -inf (0 inside). ops.pad (PadV3) would do it in one op
+        but has a wrong backward in graph mode from the second step on (MindSpore 2.10, CPU).
+        The hand-made pads cost 3.5x the pooling itself on the CPU (ResNet-50's stem pool,
+        16x64x112x112: 498 ms against 142 ms forward, 1088 against 402 ms with the backward),
+        hence the native path wherever it applies.
         """
 
         def __init__(self, kernel, stride, pad, in_hw):
             super().__init__()
             l, r, t, b = pad
             self.use_pad = any(pad)
+            self.native = self.use_pad and t == b and l == r and 2 * t <= kernel[0] and 2 * l <= kernel[1]
+            if self.native:
+                self.pool = nn.MaxPool2d(tuple(kernel), tuple(stride), pad_mode="pad", padding=(t, l))
+                return
             self.pad = ops.Pad(((0, 0), (0, 0), (t, b), (l, r)))
             H, W = in_hw
             border = np.full((1, 1, H + t + b, W + l + r), -np.inf, np.float32)
@@ -166,7 +174,7 @@ def _define_cells():
             self.pool = ops.MaxPool(kernel_size=tuple(kernel), strides=tuple(stride), pad_mode="VALID")
 
         def construct(self, x):
-            if self.use_pad:
+            if self.use_pad and not self.native:
                 x = self.pad(x) + self.border
             return self.pool(x)
 
