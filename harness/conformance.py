@@ -437,6 +437,14 @@ def fp32_floor(case: TrainingCase, bn_unbiased: bool) -> tuple[float, str | None
     return max(floors)
 
 
+def fp32_bound_reason(ratio: float, where, floor: float, floor_where) -> str | None:
+    """The ``fp32-bound`` reason when a weight error ``ratio`` is within FP32_FACTOR of ``floor``, else None."""
+    if ratio <= FP32_FACTOR * floor:
+        return (f"weights off by {ratio:.1f}x the tolerance at {where}; numpy's own float32 steps are off by "
+                f"{floor:.1f}x (at {floor_where})")
+    return None
+
+
 def worst_step_error(start_got, got_steps, start_want, want_steps) -> tuple[float, str | None]:
     """(worst of weight and update error/tolerance over steps and parameters, its parameter)."""
     worst, where = 0.0, None

@@ -85,14 +85,16 @@ def verdict(row: dict) -> tuple[str, str]:
     ``fp32-bound``: everything passes but the weights after the steps, and those are within
     FP32_FACTOR of the error of numpy's own float32 runs (harness.conformance.fp32_floor).
     """
-    from .conformance import FP32_FACTOR, LOSS_RTOL
+    from .conformance import LOSS_RTOL, fp32_bound_reason
 
-    ratio, floor = row.get("train_worst_ratio", 0), row.get("fp32_floor_ratio")
+    floor = row.get("fp32_floor_ratio")
     only_weights = (row.get("params_ok", True) and row.get("fwd_worst_ratio", 0) <= 1
                     and row.get("loss_rel_diff", 0) <= LOSS_RTOL)
-    if only_weights and floor is not None and ratio <= FP32_FACTOR * floor:
-        return "fp32-bound", (f"weights off by {ratio:.1f}x the tolerance at {row.get('train_worst_param')}; "
-                              f"numpy's own float32 steps are off by {floor:.1f}x (at {row.get('fp32_floor_param')})")
+    if only_weights and floor is not None:
+        reason = fp32_bound_reason(row.get("train_worst_ratio", 0), row.get("train_worst_param"), floor,
+                                   row.get("fp32_floor_param"))
+        if reason:
+            return "fp32-bound", reason
     problems = []
     if not row.get("params_ok", True):
         problems.append(f"parameter counts {row.get('params_backend')}")
