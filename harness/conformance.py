@@ -192,11 +192,37 @@ class TrainingCase:
     steps: list[dict[str, np.ndarray]]
     optimizer: Optimizer = PARITY_OPTIMIZER
     near_ties: int = 0  # max-pool near-ties left in the batch (see _tie_free_case)
-    alternatives: list = field(default_factory=list)  # (losses, steps) with near-ties resolved otherwise
+    tie_windows: list = field(default_factory=list)  # per step, the near-tied windows (node, n, c, i, j)
+    bn_unbiased: bool = True
+    _alternatives: list = field(default_factory=list, repr=False)
+
+    def flip_sets(self) -> list[list[list[tuple]]]:
+        """Per alternative, per step, the near-tie windows it resolves the other way.
+
+        Every non-empty combination of the near-ties, when there are at most MAX_FLIPPED.
+        """
+        import itertools
+
+        flat = [(k, w) for k, windows in enumerate(self.tie_windows) for w in windows]
+        if not flat or len(flat) > MAX_FLIPPED:
+            return []
+        return [[[w for (k, w), c in zip(flat, chosen) if c and k == step] for step in range(TRAIN_STEPS)]
+                for chosen in itertools.product([False, True], repeat=len(flat)) if any(chosen)]
 
     def trajectories(self):
-        """The oracle's trajectory, then each alternative resolution of near-ties."""
-        return [(self.losses, self.steps), *self.alternatives]
+        """The oracle's trajectory, then each alternative resolution of near-ties.
+
+        Alternatives are exact float64 oracles too, computed when first asked for (and kept):
+        a backend that matches the oracle's own trajectory never pays for them, and the disk
+        cache holds the tie windows rather than up to 15 extra copies of the weights.
+        """
+        yield self.losses, self.steps
+        for j, flips in enumerate(self.flip_sets()):
+            if j == len(self._alternatives):
+                alt = _oracle(self.id, self.ir, self.weights, self.x, self.y, 0, self.bn_unbiased, flips,
+                              self.optimizer, self.masks)
+                self._alternatives.append((alt.losses, alt.steps))
+            yield self._alternatives[j]
 
 
 def parity_lr(ir, params, gradients, loss, x, y, masks, bn_unbiased) -> float:
@@ -240,7 +266,7 @@ def _oracle(case_id, ir, weights, x, y, seed, bn_unbiased, flips=(), opt=None, m
         params, momentum = grads.sgd_update(ir, params, g, updates, opt, momentum)
         losses.append(loss)
         steps.append({n: v.astype(np.float32) for n, v in params.items()})
-    return TrainingCase(case_id, ir, weights, x, y, masks or {}, losses, steps, opt)
+    return TrainingCase(case_id, ir, weights, x, y, masks or {}, losses, steps, opt, bn_unbiased=bn_unbiased)
 
 
 def op_training_case(op: str, case: dict, seed: int = 0, batch: int = 4, bn_unbiased: bool = True) -> TrainingCase:
@@ -332,16 +358,6 @@ def _tie_free_case(case_id, ir, weights, seed, bn_unbiased, batches=(4,), tries=
                 return case
             if best is None or case.near_ties < best.near_ties:
                 best = case
-    if best.near_ties <= MAX_FLIPPED:
-        import itertools
-
-        flat = [(k, w) for k, windows in enumerate(best.tie_windows) for w in windows]
-        for chosen in itertools.product([False, True], repeat=len(flat)):
-            if not any(chosen):
-                continue
-            flips = [[w for (k, w), c in zip(flat, chosen) if c and k == step] for step in range(TRAIN_STEPS)]
-            alt = _oracle(case_id, ir, best.weights, best.x, best.y, 0, bn_unbiased, flips, best.optimizer, best.masks)
-            best.alternatives.append((alt.losses, alt.steps))
     return best
 
 
@@ -354,25 +370,26 @@ def model_training_case(model: str, seed: int = 0, bn_unbiased: bool = True) -> 
         with np.load(path, allow_pickle=False) as f:
             get = lambda prefix: {k[len(prefix):]: f[k] for k in f.files if k.startswith(prefix)}  # noqa: E731
             steps = [get(f"s{k}:") for k in range(TRAIN_STEPS)]
-            alternatives = [([float(v) for v in f[f"a{j}:losses"]], [get(f"a{j}:s{k}:") for k in range(TRAIN_STEPS)])
-                            for j in range(int(f["n_alternatives"]))]
+            tie_windows = [[] for _ in range(TRAIN_STEPS)]
+            for k, node, idx in zip(f["tie_step"], f["tie_node"], f["tie_index"]):
+                tie_windows[int(k)].append((str(node), *map(int, idx)))
             return TrainingCase(f"train:{model}", ir, get("w:"), f["x"], f["y"], get("m:"),
                                 [float(v) for v in f["losses"]], steps,
-                                Optimizer(*(float(v) for v in f["optimizer"])), int(f["near_ties"]), alternatives)
+                                Optimizer(*(float(v) for v in f["optimizer"])), int(f["near_ties"]), tie_windows,
+                                bn_unbiased)
     weights = init.probe_weights(ir, seed, output_std=MODEL_OUTPUT_STD)
     case = _tie_free_case(f"train:{model}", ir, weights, seed, bn_unbiased)
-    x, y, ties = case.x, case.y, case.near_ties
     if ir.trainable_params + ir.non_trainable_params <= CACHE_LIMIT_PARAMS:
         arrays = {f"w:{k}": v for k, v in weights.items()}
         arrays.update({f"m:{k}": np.asarray(v) for k, v in case.masks.items()})
         for k, step in enumerate(case.steps):
             arrays.update({f"s{k}:{n}": v for n, v in step.items()})
-        for j, (alt_losses, alt_steps) in enumerate(case.alternatives):
-            arrays[f"a{j}:losses"] = np.array(alt_losses, dtype=np.float64)
-            for k, step in enumerate(alt_steps):
-                arrays.update({f"a{j}:s{k}:{n}": v for n, v in step.items()})
-        arrays["n_alternatives"] = np.array(len(case.alternatives))
-        arrays.update(x=x, y=y, losses=np.array(case.losses, dtype=np.float64), near_ties=np.array(ties),
+        ties = [(k, w) for k, windows in enumerate(case.tie_windows) for w in windows]
+        arrays.update(tie_step=np.array([k for k, _ in ties], dtype=np.int64),
+                      tie_node=np.array([w[0] for _, w in ties], dtype=str),
+                      tie_index=np.array([w[1:] for _, w in ties], dtype=np.int64).reshape(-1, 4))
+        arrays.update(x=case.x, y=case.y, losses=np.array(case.losses, dtype=np.float64),
+                      near_ties=np.array(case.near_ties),
                       optimizer=np.array([case.optimizer.lr, case.optimizer.momentum, case.optimizer.weight_decay]))
         save_arrays(path, arrays)
     return case

@@ -1,0 +1,63 @@
+"""Training-parity cases: near-tie alternatives are computed lazily and cached as windows."""
+
+import numpy as np
+
+from harness import conformance
+from harness import init
+from harness.conformance import TRAIN_STEPS, _oracle, model_training_case
+from harness.ir import build_ir
+
+
+def _maxpool_case():
+    """Two oracle steps of a conv under a 2x2 max pool: a flipped window moves the conv's gradient."""
+    ir = build_ir({"name": "conv_pool", "input": [2, 6, 6], "layers": [
+        {"op": "conv2d", "name": "conv", "out_channels": 3, "kernel": 3, "pad": 1},
+        {"op": "maxpool2d", "name": "pool", "kernel": 2},
+        {"op": "flatten", "name": "logits"}]}, "test")
+    x = np.random.default_rng(0).normal(size=(4, 2, 6, 6)).astype(np.float32)
+    y = np.arange(4)
+    return _oracle("conv_pool", ir, init.probe_weights(ir, 0), x, y, 0, True)
+
+
+def test_alternatives_are_computed_only_when_asked_for_and_differ_where_flipped():
+    case = _maxpool_case()
+    case.tie_windows = [[("pool", 0, 0, 0, 0)], [("pool", 1, 1, 1, 1)]]
+    assert len(case.flip_sets()) == 3  # every non-empty combination of the two windows
+    trajectories = case.trajectories()
+    losses, steps = next(trajectories)
+    assert case._alternatives == []  # the oracle's own trajectory costs nothing more
+    alternatives = list(trajectories)
+    assert len(alternatives) == 3 and len(case._alternatives) == 3
+    differs = lambda a, b: any(not np.array_equal(a[n], b[n]) for n in b)  # noqa: E731
+    second_only, first_only = alternatives[0][1], alternatives[1][1]  # itertools.product order
+    assert not differs(second_only[0], steps[0]) and differs(second_only[1], steps[1])
+    assert differs(first_only[0], steps[0])
+    assert [a for a in case.trajectories()][1:] == case._alternatives[:]  # kept, not recomputed
+
+
+def test_too_many_near_ties_give_no_alternatives():
+    case = _maxpool_case()
+    case.tie_windows = [[("pool", 0, 0, i, 0) for i in range(conformance.MAX_FLIPPED + 1)], []]
+    assert case.flip_sets() == [] and len(list(case.trajectories())) == 1
+
+
+def test_the_disk_cache_keeps_tie_windows_not_trajectories(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMENET_CACHE", str(tmp_path))
+    real = conformance._tie_free_case
+    windows = [[("pool1", 0, 1, 2, 3)], [("pool2", 1, 0, 0, 1), ("pool1", 3, 2, 1, 0)]]
+
+    def with_ties(*args, **kwargs):
+        case = real(*args, **kwargs)
+        case.tie_windows, case.near_ties = windows, 3
+        return case
+
+    monkeypatch.setattr(conformance, "_tie_free_case", with_ties)
+    made = model_training_case("lenet5")
+    files = list((tmp_path / "training").glob("lenet5-*.npz"))
+    assert len(files) == 1
+    with np.load(files[0]) as f:
+        assert not any(k.startswith("a") for k in f.files)  # no alternative trajectories on disk
+    loaded = model_training_case("lenet5")
+    assert loaded.tie_windows == windows and loaded.near_ties == 3 and len(loaded.tie_windows) == TRAIN_STEPS
+    assert loaded.losses == made.losses
+    assert all(np.array_equal(loaded.steps[-1][n], made.steps[-1][n]) for n in made.steps[-1])
