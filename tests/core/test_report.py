@@ -186,7 +186,9 @@ def test_report_command_on_a_real_numpy_run(tmp_path, capsys):
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-headless-shell")
+    """Debian's chromium (.ci/run installs it where it can), or the Chrome of GitHub's runners."""
+    names = ("chromium", "chromium-headless-shell", "google-chrome")
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
@@ -196,7 +198,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     html_path, _ = report.write(frames(tmp_path), tmp_path / "report")
     browser = _chromium()
     if not browser:
-        pytest.skip("no chromium or chromium-headless-shell on PATH: rendering to PNG not checked")
+        pytest.skip("no chromium, chromium-headless-shell or google-chrome on PATH: rendering to PNG not checked")
     shot = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={shot}", "--window-size=1200,1600", html_path.as_uri()],
