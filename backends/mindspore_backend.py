@@ -18,8 +18,9 @@ Conventions handled here (see harness/ops.py for the canonical ones):
     * Conv2d: pad_mode="pad" with padding=(top, bottom, left, right), MindSpore's order
       (checked against the reference with asymmetric pads).
     * Pooling: explicit pads (-inf for max, 0 for average) of the IR's pads plus any
-      ceil-mode overhang, then the native VALID pooling, so the output is the IR's size;
-      symmetric max-pool pads go to nn.MaxPool2d(pad_mode="pad") instead (3.5x faster).
+      ceil-mode overhang, then the native VALID pooling, so the output is the IR's size.
+      Max pools concatenate their -inf pads, except in training where
+      nn.MaxPool2d(pad_mode="pad") applies (symmetric pads): see _MaxPool for the figures.
       Average pooling then multiplies by kh*kw / divisor (harness.ops.avgpool_divisor)
       where that map is not all ones (count_include_pad=False or ceil overhang).
     * BatchNorm: the ops.BatchNorm primitive that nn.BatchNorm2d uses. The primitive takes
@@ -150,33 +151,48 @@ def _define_cells():
     class _MaxPool(nn.Cell):  # noqa: N801
         """Max pooling with the IR's pads (plus any ceil overhang) as -inf.
 
-        Symmetric pads no larger than half the kernel: nn.MaxPool2d(pad_mode="pad"), which
-        pads with -inf itself. Otherwise -inf pads by hand, then VALID max pooling: ops.Pad's
-        zeros plus a constant border of -inf (0 inside). ops.pad (PadV3) would do it in one op
-        but has a wrong backward in graph mode from the second step on (MindSpore 2.10, CPU).
-        The hand-made pads cost 3.5x the pooling itself on the CPU (ResNet-50's stem pool,
-        16x64x112x112: 498 ms against 142 ms forward, 1088 against 402 ms with the backward),
-        hence the native path wherever it applies.
+        Two exact paths, picked per mode because MindSpore's CPU kernels rank differently
+        forward and backward (ResNet-50's stem pool, 16x64x112x112, 2 threads):
+        * -inf rows and columns concatenated to the input, then VALID pooling: the fastest
+          forward (67-80 ms against 142-176 ms), so evaluation always takes it, and training
+          where the native pool does not apply;
+        * nn.MaxPool2d(pad_mode="pad"), which pads with -inf itself but only symmetrically and
+          by at most half the kernel: in training wherever it applies, as its backward is the
+          faster one (forward plus backward 226 ms against 447 ms).
+        Not ops.Pad plus a -inf border (3.5x the pool itself: MindSpore's CPU Pad kernel), nor
+        ops.pad (PadV3), whose backward is wrong in graph mode from the second step on
+        (MindSpore 2.10, CPU).
         """
 
-        def __init__(self, kernel, stride, pad, in_hw):
+        def __init__(self, kernel, stride, pad, in_shape):
             super().__init__()
             l, r, t, b = pad
+            C, H, W = in_shape
             self.use_pad = any(pad)
             self.native = self.use_pad and t == b and l == r and 2 * t <= kernel[0] and 2 * l <= kernel[1]
             if self.native:
-                self.pool = nn.MaxPool2d(tuple(kernel), tuple(stride), pad_mode="pad", padding=(t, l))
-                return
-            self.pad = ops.Pad(((0, 0), (0, 0), (t, b), (l, r)))
-            H, W = in_hw
-            border = np.full((1, 1, H + t + b, W + l + r), -np.inf, np.float32)
-            border[:, :, t:t + H, l:l + W] = 0.0
-            self.border = Tensor(border)
+                self.native_pool = nn.MaxPool2d(tuple(kernel), tuple(stride), pad_mode="pad", padding=(t, l))
+            self.sides = (t, b, l, r)
+            ninf = lambda h, w: Tensor(np.full((1, C, h, w), -np.inf, np.float32))  # noqa: E731
+            self.top, self.bottom = ninf(t, W), ninf(b, W)
+            self.left, self.right = ninf(H + t + b, l), ninf(H + t + b, r)
             self.pool = ops.MaxPool(kernel_size=tuple(kernel), strides=tuple(stride), pad_mode="VALID")
 
-        def construct(self, x):
-            if self.use_pad and not self.native:
-                x = self.pad(x) + self.border
+        def construct(self, x, train):
+            if not self.use_pad:
+                return self.pool(x)
+            if train and self.native:
+                return self.native_pool(x)
+            t, b, l, r = self.sides
+            n = x.shape[0]
+            if t:
+                x = ops.concat((ops.broadcast_to(self.top, (n, -1, -1, -1)), x), 2)
+            if b:
+                x = ops.concat((x, ops.broadcast_to(self.bottom, (n, -1, -1, -1))), 2)
+            if l:
+                x = ops.concat((ops.broadcast_to(self.left, (n, -1, -1, -1)), x), 3)
+            if r:
+                x = ops.concat((x, ops.broadcast_to(self.right, (n, -1, -1, -1))), 3)
             return self.pool(x)
 
     class _AvgPool(nn.Cell):  # noqa: N801
@@ -310,7 +326,7 @@ def _cell_pool(node, in_shapes, kind):
     a = node.attrs
     pad = _pool_geometry(node, in_shapes[0])
     if kind == "max":
-        return _MaxPool(a["kernel"], a["stride"], pad, in_shapes[0][1:])
+        return _MaxPool(a["kernel"], a["stride"], pad, in_shapes[0])
     div = avgpool_divisor(in_shapes[0][1:], a, node.shape[1:])
     factor = a["kernel"][0] * a["kernel"][1] / div
     factor = None if np.all(factor == 1.0) else factor.astype(np.float32)[None, None]
@@ -426,7 +442,7 @@ def _body(ir, keys, train):
         args = [where[s] for s in n.inputs]
         if n.op in ("dropout", "drop_path") and not train:
             expr = args[0]
-        elif n.op == "batchnorm":
+        elif n.op in ("batchnorm", "maxpool2d"):  # cells whose kernels differ by mode
             expr = f"self.{keys[n.name]}({args[0]}, {train})"
         elif n.name in keys:
             expr = f"self.{keys[n.name]}({args[0]})"
