@@ -19,6 +19,7 @@ class NumpyBackend(Backend):
     framework = "numpy"
     distribution = "numpy"
     exec_modes = ("eager",)
+    reference = True
 
     def import_framework(self) -> None:
         pass

@@ -82,6 +82,8 @@ class Backend(abc.ABC):
             matching a pattern are expected to fail (strict xfail) and reported with it.
         bn_variance: How the framework updates BN running variance: ``unbiased`` (PyTorch,
             the IR's convention) or ``biased`` (Keras); parity checks convert the latter.
+        reference: The framework-free numpy executor: measured only when named, never as
+            part of ``--backends all`` (it trains a ResNet in minutes per step).
     """
 
     name: ClassVar[str]
@@ -91,6 +93,7 @@ class Backend(abc.ABC):
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
     known_gaps: ClassVar[dict[str, str]] = {}
     bn_variance: ClassVar[str] = "unbiased"
+    reference: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ no framework needed
 
@@ -242,6 +245,11 @@ def registry() -> dict[str, str]:
 
 def names() -> list[str]:
     return list(registry())
+
+
+def framework_names() -> list[str]:
+    """The backends that wrap a framework: what ``--backends all`` measures."""
+    return [n for n in names() if not get(n).reference]
 
 
 def get(name: str) -> type[Backend]:

@@ -23,7 +23,8 @@ Rules (``Thresholds`` holds the numbers):
   spread): noisy measurements get a wider tolerance instead of false alarms. Timings are only
   compared when the baseline was measured on the same machine class; otherwise they are
   reported as skipped.
-* Memory: peak RSS may grow by ``max(memory_pct of the baseline, memory_mb)``.
+* Memory: peak RSS may grow by ``max(memory_pct of the baseline, memory_mb)``, compared on the
+  same machine class only (thread pools and ISA-specific kernels size themselves by the CPU).
 * Machine-independent quantities are compared exactly: trainable and non-trainable parameter
   counts and MACs per sample (a changed spec hash makes the speed and memory comparison
   meaningless, so they are skipped with that reason).
@@ -205,17 +206,18 @@ def _compare_bench(b: dict, r: dict, t: Thresholds, out: list) -> None:
     if b.get("spec_hash") and r.get("spec_hash") and b["spec_hash"] != r["spec_hash"]:
         add("step time, memory", SKIPPED, note="spec changed (spec hash differs)")
         return
-    # Memory: machine-dependent only through threads and device, which are part of the key.
+    if b.get("machine_class") != r.get("machine_class"):
+        # Peak RSS is machine-dependent too: thread pools and ISA-specific kernels (oneDNN
+        # scratchpads) size themselves by the CPU.
+        add("step time, peak RSS", SKIPPED, note=f"different machine class (baseline "
+                                                 f"'{b.get('machine_class')}', run '{r.get('machine_class')}')")
+        return
     bm, rm = b.get("peak_rss_mb"), r.get("peak_rss_mb")
     if bm is not None and rm is not None:
         allowed = max(t.memory_pct / 100 * bm, t.memory_mb)
         verdict = REGRESSION if rm - bm > allowed else IMPROVED if bm - rm > allowed else OK
         add("peak RSS MB", verdict, baseline=_fmt(bm), run=_fmt(rm), change=f"{rm - bm:+.0f} MB",
             allowed=f"+{allowed:.0f} MB")
-    if b.get("machine_class") != r.get("machine_class"):
-        add("step time", SKIPPED, note=f"different machine class (baseline '{b.get('machine_class')}', "
-                                       f"run '{r.get('machine_class')}')")
-        return
     bs, rs = b.get("step_median_s"), r.get("step_median_s")
     if bs and rs:
         spread = math.hypot(b.get("step_rel_spread") or 0.0, r.get("step_rel_spread") or 0.0)

@@ -37,7 +37,8 @@ def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
 
 
 def _configure(p):
-    p.add_argument("--backends", default="torch", help="comma-separated backends, or 'all' (default: torch)")
+    p.add_argument("--backends", default="torch", help="comma-separated backends, or 'all': every framework backend, not the numpy "
+                   "reference (default: torch)")
     p.add_argument("--models", help="comma-separated models, or 'all' (default: lenet5,resnet18)")
     p.add_argument("--modes", help="train,infer (default: both)")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16)")
@@ -70,7 +71,7 @@ def _configure(p):
 
 def cells_from_args(args) -> list[Cell]:
     known = registry.names()
-    backends = parse_list(args.backends, "--backends", known, known)
+    backends = parse_list(args.backends, "--backends", known, registry.framework_names())
     models = parse_list(args.models or QUICK["models"], "--models", None, zoo.names())
     for m in models:
         zoo.path_of(m)  # unknown model: one-line error now, not one failed row per cell

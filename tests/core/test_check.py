@@ -92,8 +92,9 @@ def test_parameter_count_change_is_a_regression_whatever_the_machine(tmp_path, c
     assert "params_trainable" in out and "+1" in out
 
 
-def test_different_machine_class_skips_timings(tmp_path, capsys):
-    assert check(tmp_path, repeats(0.010, 0.01), repeats(0.020, 0.01, machine="Other CPU / 8 cpus")) == 0
+def test_different_machine_class_skips_timings_and_memory(tmp_path, capsys):
+    other = repeats(0.020, 0.01, machine="Other CPU / 8 cpus", peak=480.0)  # 2x slower, +20% RSS
+    assert check(tmp_path, repeats(0.010, 0.01), other) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "different machine class" in out and "Other CPU / 8 cpus" in out
 

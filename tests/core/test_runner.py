@@ -153,3 +153,16 @@ def test_backend_without_framework_or_env(monkeypatch):
     monkeypatch.setattr(fake_backends.Segfault, "framework", "no_such_framework_xyz")
     with pytest.raises(UsageError, match="no .tox/ghost env"):
         python_for("ghost")
+
+
+def test_all_backends_are_the_frameworks_not_the_numpy_reference():
+    from harness import backend as registry
+    from harness.cli import build_parser
+    from harness.commands_run import cells_from_args
+
+    assert "numpy" in registry.names() and "numpy" not in registry.framework_names()
+    args = build_parser().parse_args(["run", "--backends", "all", "--models", "lenet5"])
+    backends = {cell.backend for cell in cells_from_args(args)}
+    assert backends == set(registry.framework_names()) >= {"torch", "tf", "mxnet", "paddle", "mindspore"}
+    args = build_parser().parse_args(["run", "--backends", "numpy", "--models", "lenet5"])
+    assert {cell.backend for cell in cells_from_args(args)} == {"numpy"}  # still there by name
