@@ -37,8 +37,9 @@ def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
 
 
 def _configure(p):
-    p.add_argument("--backends", default="torch", help="comma-separated backends, or 'all': every framework backend, not the numpy "
-                   "reference (default: torch)")
+    p.add_argument("--backends", default="torch",
+                   help="comma-separated backends, or 'all': every framework backend, not the numpy reference "
+                   "(default: torch)")
     p.add_argument("--models", help="comma-separated models, or 'all' (default: lenet5,resnet18)")
     p.add_argument("--modes", help="train,infer (default: both)")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16)")

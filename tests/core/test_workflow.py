@@ -84,7 +84,7 @@ def test_backend_job_runs_tests_benchmark_check_and_uploads_rows(workflow):
         return next(i for i, s in enumerate(steps) if found(s))
 
     order = [where(lambda s: s == "tox -e ${{ matrix.backend }}-test"),
-             where(lambda s: s == "tox -e ${{ matrix.backend }}"),  # the quick benchmark
+             where(lambda s: s == "tox -e ${{ matrix.backend }} -- --threads 2"),  # the quick benchmark, baseline threads
              where(lambda s: "samenet check --quick" in s),
              where(lambda s: s.startswith("actions/upload-artifact"))]
     assert order == sorted(order), "tests, then benchmark, then check, then upload"
