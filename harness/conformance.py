@@ -191,10 +191,14 @@ class TrainingCase:
     losses: list[float]
     steps: list[dict[str, np.ndarray]]
     optimizer: Optimizer = PARITY_OPTIMIZER
-    near_ties: int = 0  # max-pool near-ties left in the batch (see _tie_free_case)
     tie_windows: list = field(default_factory=list)  # per step, the near-tied windows (node, n, c, i, j)
     bn_unbiased: bool = True
     _alternatives: list = field(default_factory=list, repr=False)
+
+    @property
+    def near_ties(self) -> int:
+        """Max-pool near-ties left in the batch over all steps (see _tie_free_case)."""
+        return sum(len(windows) for windows in self.tie_windows)
 
     def flip_sets(self) -> list[list[list[tuple]]]:
         """Per alternative, per step, the near-tie windows it resolves the other way.
@@ -352,7 +356,6 @@ def _tie_free_case(case_id, ir, weights, seed, bn_unbiased, batches=(4,), tries=
             case = _oracle(case_id, ir, weights, x, y, s, bn_unbiased)
             ties = [first] + [maxpool_near_ties(ir, {n: v.astype(np.float64) for n, v in step.items()}, x, case.masks)
                               for step in case.steps[:-1]]
-            case.near_ties = sum(len(t) for t in ties)
             case.tie_windows = ties
             if case.near_ties == 0:
                 return case
@@ -375,8 +378,7 @@ def model_training_case(model: str, seed: int = 0, bn_unbiased: bool = True) -> 
                 tie_windows[int(k)].append((str(node), *map(int, idx)))
             return TrainingCase(f"train:{model}", ir, get("w:"), f["x"], f["y"], get("m:"),
                                 [float(v) for v in f["losses"]], steps,
-                                Optimizer(*(float(v) for v in f["optimizer"])), int(f["near_ties"]), tie_windows,
-                                bn_unbiased)
+                                Optimizer(*(float(v) for v in f["optimizer"])), tie_windows, bn_unbiased)
     weights = init.probe_weights(ir, seed, output_std=MODEL_OUTPUT_STD)
     case = _tie_free_case(f"train:{model}", ir, weights, seed, bn_unbiased)
     if ir.trainable_params + ir.non_trainable_params <= CACHE_LIMIT_PARAMS:
@@ -389,7 +391,6 @@ def model_training_case(model: str, seed: int = 0, bn_unbiased: bool = True) -> 
                       tie_node=np.array([w[0] for _, w in ties], dtype=str),
                       tie_index=np.array([w[1:] for _, w in ties], dtype=np.int64).reshape(-1, 4))
         arrays.update(x=case.x, y=case.y, losses=np.array(case.losses, dtype=np.float64),
-                      near_ties=np.array(case.near_ties),
                       optimizer=np.array([case.optimizer.lr, case.optimizer.momentum, case.optimizer.weight_decay]))
         save_arrays(path, arrays)
     return case
@@ -429,7 +430,7 @@ figure. A wrong backward is off by orders of magnitude, and not only where float
 FP32_ORDERS = ((1, 0), (-1, 0), (1, 1), (-1, 1))  # batch orders (direction, rotation) of fp32_floor
 
 
-def fp32_floor(case: TrainingCase, bn_unbiased: bool) -> tuple[float, str | None]:
+def fp32_floor(case: TrainingCase) -> tuple[float, str | None]:
     """(worst error/tolerance ratio, its parameter) of numpy's float32 steps against the oracle.
 
     The same batch, masks and learning rate computed in float32 by the numpy reference, once
@@ -445,7 +446,7 @@ def fp32_floor(case: TrainingCase, bn_unbiased: bool) -> tuple[float, str | None
         momentum, steps = None, []
         for _ in case.steps:
             _, g, updates, _ = grads.gradients(case.ir, params, case.x[order], case.y[order], masks, 0,
-                                               dtype=np.float32, bn_unbiased=bn_unbiased)
+                                               dtype=np.float32, bn_unbiased=case.bn_unbiased)
             params, momentum = grads.sgd_update(case.ir, params, g, updates, case.optimizer, momentum,
                                                 dtype=np.float32)
             steps.append({n: v.astype(np.float32) for n, v in params.items()})

@@ -77,7 +77,7 @@ def _train(b, model: str, cls) -> dict:
         if best["train_worst_ratio"] <= 1:  # matched: later alternatives are not computed
             break
     if not best["train_worst_ratio"] <= 1:  # is the tolerance within float32's reach here at all?
-        best["fp32_floor_ratio"], best["fp32_floor_param"] = fp32_floor(c, cls.bn_variance == "unbiased")
+        best["fp32_floor_ratio"], best["fp32_floor_param"] = fp32_floor(c)
     return best
 
 

@@ -22,7 +22,7 @@ from harness.conformance import (LOSS_RTOL, fp32_bound_reason, fp32_floor, model
 CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
 
 
-def check(backend, case, bn_unbiased):
+def check(backend, case):
     """Two backend steps; they must match the oracle's trajectory or an alternative one.
 
     A miss in the weights alone, within FP32_FACTOR of numpy's own float32 error, is an xfail
@@ -49,7 +49,7 @@ def check(backend, case, bn_unbiased):
     ties = f" ({case.near_ties} max-pool near-ties resolved both ways)" if case.near_ties else ""
     if losses == pytest.approx(case.losses, rel=LOSS_RTOL):
         ratio, where = min(worst_step_error(start, weights, case.weights, steps) for _, steps in case.trajectories())
-        reason = fp32_bound_reason(ratio, where, *fp32_floor(case, bn_unbiased))
+        reason = fp32_bound_reason(ratio, where, *fp32_floor(case))
         if reason:
             pytest.xfail("fp32-bound: " + reason)
     pytest.fail("; ".join(failures[:2]) + ties)
@@ -59,13 +59,13 @@ def check(backend, case, bn_unbiased):
 def test_op_training_step(backend_cls, new_backend, known_gap, test_id, op, case):
     known_gap("train:" + test_id)
     unbiased = backend_cls.bn_variance == "unbiased"
-    check(new_backend(), op_training_case(op, case, bn_unbiased=unbiased), unbiased)
+    check(new_backend(), op_training_case(op, case, bn_unbiased=unbiased))
 
 
 def test_model_training_step(backend_cls, new_backend, known_gap, training_model):
     known_gap(f"train:{training_model}")
     unbiased = backend_cls.bn_variance == "unbiased"
-    check(new_backend(), model_training_case(training_model, bn_unbiased=unbiased), unbiased)
+    check(new_backend(), model_training_case(training_model, bn_unbiased=unbiased))
 
 
 def test_set_lr_changes_later_steps(backend_cls, new_backend):

@@ -48,7 +48,7 @@ def test_the_disk_cache_keeps_tie_windows_not_trajectories(tmp_path, monkeypatch
 
     def with_ties(*args, **kwargs):
         case = real(*args, **kwargs)
-        case.tie_windows, case.near_ties = windows, 3
+        case.tie_windows = windows
         return case
 
     monkeypatch.setattr(conformance, "_tie_free_case", with_ties)
