@@ -9,6 +9,8 @@ REGISTRY = {
     "numpy": "backends.numpy_backend:NumpyBackend",
     "torch": "backends.torch_backend:TorchBackend",
     "tf": "backends.keras_backend:KerasTFBackend",
+    "keras-torch": "backends.keras_torch_backend:KerasTorchBackend",
+    "keras-jax": "backends.keras_jax_backend:KerasJaxBackend",
     "mxnet": "backends.mxnet_backend:MXNetBackend",
     "paddle": "backends.paddle_backend:PaddleBackend",
     "mindspore": "backends.mindspore_backend:MindSporeBackend",

@@ -1,27 +1,8 @@
 """TensorFlow / Keras 3 backend: the IR as a Keras functional model, tf.function, XLA or eager.
 
-Layout and conventions (harness/ops.py holds the canonical ones):
-    * Activations are NHWC by default (``layout=channels_last``, what Keras users run and
-      what TF's CPU kernels are written for); ``channels_first`` builds NCHW layers
-      (``data_format="channels_first"``). forward() always takes and returns canonical
-      NCHW / (N, F) numpy; to_device() transposes a batch once, before any timing.
-    * Weights are stored in Keras layouts and transposed on set_weights/get_weights
-      (transposes only, so the round trip is byte-exact): conv OIHW -> HWIO; a conv with
-      groups == in_channels becomes DepthwiseConv2D, (C*M, 1, kh, kw) -> (kh, kw, C, M);
-      other groups use Conv2D(groups=g) with kernel (kh, kw, C/g, O); linear (out, in) ->
-      (in, out).
-    * Padding: Keras "same" is used only where it is provably identical, i.e. when the
-      node's resolved pads equal harness.ops.same_pads on both axes (and, for pooling, the
-      output size and the divisor map agree too). Everything else is explicit: a
-      ZeroPadding2D before the conv / average pool, a -inf pad before max pooling, each with
-      the extra bottom/right pad of a ceil-mode overhang, then "valid" pooling. Average
-      pooling whose divisor map (harness.ops.avgpool_divisor) is not the constant kh*kw is
-      corrected by a constant factor map kh*kw / divisor after the valid pool.
-    * adaptive_avgpool2d: a plain AveragePooling2D when the bins tile the input exactly,
-      otherwise the exact averaging matrices of harness.ops.adaptive_pool_matrix (einsum).
-    * flatten keeps C, H, W order: in NHWC a Permute((3, 1, 2)) precedes the Flatten (it is
-      skipped when H*W == 1 or C == 1, where both orders agree). The linear layer that
-      follows keeps the canonical weight, only transposed.
+The model is backends/keras_builder.py's, shared with the keras-torch and keras-jax backends
+(its docstring has the layouts, padding and weight conventions). This module replaces a few of
+its layers with TensorFlow kernels and runs the steps in TensorFlow:
     * BatchNorm is a keras.layers.BatchNormalization (same variables, names and counts) whose
       call runs TF's fused kernel, FusedBatchNormV3, with ``exponential_avg_factor`` = the
       IR's (PyTorch-sense) momentum: that kernel updates running = (1 - m) * running +
@@ -30,9 +11,10 @@ Layout and conventions (harness/ops.py holds the canonical ones):
       1 - m for the record. (Keras 3's own BN call is unfused and updates with the biased
       variance.) eps is passed to the raw op as is (tf.nn.fused_batch_norm would raise it to
       1.001e-5).
+    * Conv2D and DepthwiseConv2D add their bias with tf.nn.bias_add in the layer's own data
+      format (see Conv2D below).
     * LRN: tf.nn.local_response_normalization (depth_radius = (n - 1) / 2, alpha as is) for
-      odd n in NHWC; even n or NCHW use an exact window sum of squares (n // 2 channels
-      before, (n - 1) // 2 after).
+      odd n in NHWC; even n or NCHW use the builder's exact window sum.
     * The train step is one function (tf.function, optionally jit_compile) that runs the
       forward with GradientTape, the loss of harness.backend's contract (mean sparse CE +
       weighted aux CE), adds L2 weight decay to each gradient and applies PyTorch's momentum
@@ -45,6 +27,7 @@ Layout and conventions (harness/ops.py holds the canonical ones):
       with max pooling raises UnsupportedError. Nothing is silently transposed by this
       module (Keras itself transposes NCHW pooling on TF, which is why pooling here calls
       tf.nn directly in channels_first).
+    * TensorFlow convolutions cannot combine stride > 1 with dilation > 1 (UnsupportedError).
 """
 
 from __future__ import annotations
@@ -52,24 +35,21 @@ from __future__ import annotations
 from dataclasses import replace
 
 import gc
-import math
 import os
 from typing import Any
 
 import numpy as np
 
+from backends import keras_builder
+from backends.keras_builder import POLICIES, KerasModel, Namespace
 from harness.backend import Backend, BuildConfig, split_device
 from harness.errors import UnsupportedError
-from harness.ops import adaptive_pool_matrix, avgpool_divisor, same_pads
 
 tf = None
 keras = None
 
 MB = 1024 * 1024
-POLICIES = {"fp32": "float32", "tf32": "float32", "amp-bf16": "mixed_bfloat16", "amp-fp16": "mixed_float16"}
-"""Keras dtype policy per precision. (Verification scripts may map fp32 to "float64": every
-layer here, BN included via an unfused path, then runs in float64.)"""
-_L: Any = None  # namespace of the custom layer classes, defined once keras is imported
+_L: Namespace | None = None  # the builder's layer classes with this module's TF kernels
 
 
 def _import():
@@ -77,33 +57,26 @@ def _import():
     if tf is not None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    keras_builder.import_keras("tensorflow", "tf")
     import tensorflow as _tf
     import keras as _keras
 
-    if not _keras.__version__.startswith("3"):
-        raise UnsupportedError(f"tf backend needs Keras 3, found keras {_keras.__version__}")
-    if _keras.backend.backend() != "tensorflow":
-        raise UnsupportedError(f"tf backend: Keras runs on '{_keras.backend.backend()}' (set KERAS_BACKEND=tensorflow)")
     tf, keras = _tf, _keras
     _define_layers()
 
 
-# --------------------------------------------------------------------------- custom layers
+# --------------------------------------------------------------------------- TF layers
 
 
 def _define_layers():
-    """Layer classes need keras.layers at class-creation time."""
+    """The builder's generic layers, with TF kernels where they are faster or exact."""
     global _L
     if _L is not None:
         return
+    generic = keras_builder.generic_layers()
 
-    class BatchNorm(keras.layers.BatchNormalization):
+    class BatchNorm(generic.BatchNorm):
         """Keras BN (same variables and counts) running TF's fused kernel with the IR's rule."""
-
-        def __init__(self, torch_momentum: float, **kwargs):
-            super().__init__(momentum=1.0 - torch_momentum, **kwargs)
-            self.torch_momentum = float(torch_momentum)
 
         def call(self, inputs, training=None, mask=None):
             x = inputs
@@ -173,385 +146,29 @@ def _define_layers():
                 y = tf.nn.bias_add(y, self.bias, data_format="NHWC" if self.data_format == "channels_last" else "NCHW")
             return y
 
-    class Dropout(keras.layers.Dropout):
-        """Keras Dropout; a fixed keep-mask (native layout) can be set for parity runs."""
-
-        fixed_mask = None
-
-        def call(self, inputs, training=False):
-            if training and self.rate > 0 and self.fixed_mask is not None:
-                return inputs * tf.cast(self.fixed_mask, inputs.dtype) / (1.0 - self.rate)
-            return super().call(inputs, training=training)
-
-    class DropPath(keras.layers.Layer):
-        """Stochastic depth: one keep decision per sample, inverted scaling."""
-
-        fixed_mask = None
-
-        def __init__(self, rate, **kwargs):
-            super().__init__(**kwargs)
-            self.rate = float(rate or 0.0)
-            self.seed_generator = keras.random.SeedGenerator()
-
-        def call(self, inputs, training=False):
-            if not training or not self.rate:
-                return inputs
-            shape = (-1,) + (1,) * (len(inputs.shape) - 1)
-            if self.fixed_mask is not None:
-                keep = tf.reshape(tf.cast(self.fixed_mask, inputs.dtype), shape)
-            else:
-                n = tf.shape(inputs)[0]
-                u = keras.random.uniform((n,), seed=self.seed_generator)
-                keep = tf.reshape(tf.cast(u >= self.rate, inputs.dtype), shape)
-            return inputs * keep / (1.0 - self.rate)
-
-    class Pad(keras.layers.Layer):
-        """Constant padding of H and W per side (-inf before max pooling)."""
-
-        def __init__(self, pads, value, channels_last, **kwargs):
-            super().__init__(**kwargs)
-            t, b, l, r = pads
-            self.paddings = ([[0, 0], [t, b], [l, r], [0, 0]] if channels_last
-                             else [[0, 0], [0, 0], [t, b], [l, r]])
-            self.value = float(value)
-
-        def call(self, x):
-            return tf.pad(x, self.paddings, constant_values=tf.cast(self.value, x.dtype))
-
-    class Pool(keras.layers.Layer):
+    class Pool(generic.Pool):
         """tf.nn max/avg pooling, valid or same, in either layout (Keras' own pooling layers
         transpose NCHW on TF; used only for channels_first), then an optional constant
         factor map (average pooling divisor correction)."""
 
-        def __init__(self, kind, kernel, stride, padding, channels_last, factor=None, **kwargs):
-            super().__init__(**kwargs)
-            self.kind, self.kernel, self.stride, self.padding = kind, tuple(kernel), tuple(stride), padding
-            self.fmt = "NHWC" if channels_last else "NCHW"
-            self.factor = factor  # numpy (1, Ho, Wo, 1) / (1, 1, Ho, Wo) or None
-
         def call(self, x):
             f = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
-            y = f(x, self.kernel, self.stride, self.padding, data_format=self.fmt)
+            y = f(x, self.kernel, self.stride, self.padding, data_format="NHWC" if self.channels_last else "NCHW")
             if self.factor is not None:
                 y = y * tf.constant(self.factor, y.dtype)
             return y
 
-    class Rescale(keras.layers.Layer):
-        """y = x * constant (a scalar or a broadcastable constant map)."""
-
-        def __init__(self, factor, **kwargs):
-            super().__init__(**kwargs)
-            self.factor = factor
-
-        def call(self, x):
-            return x * tf.constant(self.factor, x.dtype)
-
-    class AdaptiveAvgPool(keras.layers.Layer):
-        """PyTorch adaptive average pooling via its exact (n_out, n_in) averaging matrices."""
-
-        def __init__(self, mh, mw, channels_last, **kwargs):
-            super().__init__(**kwargs)
-            self.mh, self.mw = mh.astype(np.float32), mw.astype(np.float32)
-            self.eq = "nhwc,ih,jw->nijc" if channels_last else "nchw,ih,jw->ncij"
-
-        def call(self, x):
-            return tf.einsum(self.eq, x, tf.constant(self.mh, x.dtype), tf.constant(self.mw, x.dtype))
-
-    class LRN(keras.layers.Layer):
-        """b_c = a_c / (k + alpha * sum_{c-floor(n/2)}^{c+ceil(n/2)-1} a^2)^beta (paper form)."""
-
-        def __init__(self, size, alpha, beta, k, channels_last, **kwargs):
-            super().__init__(**kwargs)
-            self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
-            self.channels_last = channels_last
+    class LRN(generic.LRN):
+        """TF's LRN kernel where it is the same formula (odd n, NHWC, float32)."""
 
         def call(self, x):
             n = self.size
             if self.channels_last and n % 2 == 1 and x.dtype == tf.float32:
                 return tf.nn.local_response_normalization(x, depth_radius=(n - 1) // 2, bias=self.k,
                                                           alpha=self.alpha, beta=self.beta)
-            axis = 3 if self.channels_last else 1
-            c = x.shape[axis]
-            sq = x * x
-            pad = [[0, 0]] * 4
-            pad[axis] = [n // 2, (n - 1) // 2]
-            sq = tf.pad(sq, pad)
-            s = None
-            for i in range(n):
-                part = sq[..., i:i + c] if self.channels_last else sq[:, i:i + c]
-                s = part if s is None else s + part
-            return x * tf.pow(self.k + self.alpha * s, -self.beta)
+            return self.window_lrn(x)
 
-    class ChannelShuffle(keras.layers.Layer):
-        def __init__(self, groups, channels_last, **kwargs):
-            super().__init__(**kwargs)
-            self.groups, self.channels_last = groups, channels_last
-
-        def call(self, x):
-            g = self.groups
-            if self.channels_last:
-                _, h, w, c = x.shape
-                y = tf.reshape(x, (-1, h, w, g, c // g))
-                y = tf.transpose(y, (0, 1, 2, 4, 3))
-                return tf.reshape(y, (-1, h, w, c))
-            _, c, h, w = x.shape
-            y = tf.reshape(x, (-1, g, c // g, h, w))
-            y = tf.transpose(y, (0, 2, 1, 3, 4))
-            return tf.reshape(y, (-1, c, h, w))
-
-    class ChannelSlice(keras.layers.Layer):
-        def __init__(self, start, stop, axis, **kwargs):
-            super().__init__(**kwargs)
-            self.start, self.stop, self.axis = start, stop, axis
-
-        def call(self, x):
-            if self.axis == 1:
-                return x[:, self.start:self.stop]
-            return x[..., self.start:self.stop]
-
-    class _NS:
-        pass
-
-    ns = _NS()
-    for cls in (Conv2D, DepthwiseConv2D, BatchNorm, Dropout, DropPath, Pad, Pool, Rescale, AdaptiveAvgPool, LRN, ChannelShuffle, ChannelSlice):
-        setattr(ns, cls.__name__, cls)
-    _L = ns
-
-
-# --------------------------------------------------------------------------- op builders
-
-
-class _Ctx:
-    """Build state: layout, dtype policy, unique layer names, canonical parameter map."""
-
-    def __init__(self, channels_last: bool, dtype):
-        self.cl = channels_last
-        self.dtype = dtype
-        self.names: set[str] = set()
-        self.params: dict[str, tuple] = {}  # canonical name -> (variable, to_native, from_native)
-        self.layers: dict[str, Any] = {}  # node name -> its main layer
-        self.data_format = "channels_last" if channels_last else "channels_first"
-
-    def name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
-
-    def kw(self, base: str) -> dict:
-        return {"name": self.name(base), "dtype": self.dtype}
-
-    def chan_axis(self, shape) -> int:
-        return (-1 if self.cl else 1) if len(shape) == 3 else -1
-
-    def native_hw(self, hw_map: np.ndarray) -> np.ndarray:
-        """(Ho, Wo) -> broadcastable (1, Ho, Wo, 1) or (1, 1, Ho, Wo)."""
-        return hw_map[None, :, :, None] if self.cl else hw_map[None, None, :, :]
-
-
-def _conv(node, xs, shapes, ctx: _Ctx):
-    a = node.attrs
-    C, H, W = shapes[0]
-    O, g = a["out_channels"], a["groups"]
-    (kh, kw), (sh, sw), (dh, dw) = a["kernel"], a["stride"], a["dilation"]
-    t, b, l, r = a["pad"]
-    if max(sh, sw) > 1 and max(dh, dw) > 1:
-        raise UnsupportedError(f"tf backend: {node.name}: TensorFlow convolutions cannot combine stride > 1 "
-                               "with dilation > 1")
-    x = xs[0]
-    if (t, b) == same_pads(H, kh, sh, dh) and (l, r) == same_pads(W, kw, sw, dw) and (t, b, l, r) != (0, 0, 0, 0):
-        padding = "same"
-    else:
-        padding = "valid"
-        if (t, b, l, r) != (0, 0, 0, 0):
-            x = keras.layers.ZeroPadding2D(((t, b), (l, r)), data_format=ctx.data_format,
-                                           **ctx.kw(node.name + ".pad"))(x)
-    common = dict(strides=(sh, sw), padding=padding, dilation_rate=(dh, dw), use_bias=a["bias"],
-                  data_format=ctx.data_format, **ctx.kw(node.name))
-    if g == C and g > 1:
-        mult = O // C
-        layer = _L.DepthwiseConv2D((kh, kw), depth_multiplier=mult, **common)
-        y = layer(x)
-        kernel = layer.kernel
-        to_native = lambda w, C=C, m=mult: w.reshape(C, m, w.shape[2], w.shape[3]).transpose(2, 3, 0, 1)
-        from_native = lambda k, C=C, m=mult: k.transpose(2, 3, 0, 1).reshape(C * m, 1, k.shape[0], k.shape[1])
-    else:
-        layer = _L.Conv2D(O, (kh, kw), groups=g, **common)
-        y = layer(x)
-        kernel = layer.kernel
-        to_native = lambda w: w.transpose(2, 3, 1, 0)
-        from_native = lambda k: k.transpose(3, 2, 0, 1)
-    ctx.params[node.name + ".weight"] = (kernel, to_native, from_native)
-    if a["bias"]:
-        ctx.params[node.name + ".bias"] = (layer.bias, None, None)
-    ctx.layers[node.name] = layer
-    return y
-
-
-def _linear(node, xs, shapes, ctx: _Ctx):
-    a = node.attrs
-    layer = keras.layers.Dense(a["out_features"], use_bias=a["bias"], **ctx.kw(node.name))
-    y = layer(xs[0])
-    ctx.params[node.name + ".weight"] = (layer.kernel, lambda w: w.T, lambda k: k.T)
-    if a["bias"]:
-        ctx.params[node.name + ".bias"] = (layer.bias, None, None)
-    ctx.layers[node.name] = layer
-    return y
-
-
-def _batchnorm(node, xs, shapes, ctx: _Ctx):
-    a = node.attrs
-    layer = _L.BatchNorm(a["momentum"], axis=ctx.chan_axis(shapes[0]), epsilon=a["eps"], center=a["center"],
-                         scale=a["scale"], **ctx.kw(node.name))
-    y = layer(xs[0])
-    if a["scale"]:
-        ctx.params[node.name + ".weight"] = (layer.gamma, None, None)
-    if a["center"]:
-        ctx.params[node.name + ".bias"] = (layer.beta, None, None)
-    ctx.params[node.name + ".running_mean"] = (layer.moving_mean, None, None)
-    ctx.params[node.name + ".running_var"] = (layer.moving_variance, None, None)
-    ctx.layers[node.name] = layer
-    return y
-
-
-def _pool(node, xs, shapes, ctx: _Ctx, kind: str):
-    a = node.attrs
-    C, H, W = shapes[0]
-    _, Ho, Wo = node.shape
-    (kh, kw), (sh, sw) = a["kernel"], a["stride"]
-    t, b, l, r = a["pad"]
-    eh = max((Ho - 1) * sh + kh - (H + t + b), 0)  # ceil-mode overhang, bottom/right
-    ew = max((Wo - 1) * sw + kw - (W + l + r), 0)
-    eff = (t, b + eh, l, r + ew)
-    same_ok = (eff[:2] == same_pads(H, kh, sh) and eff[2:] == same_pads(W, kw, sw)
-               and (Ho, Wo) == (-(-H // sh), -(-W // sw)))
-    factor = None
-    if kind == "avg":
-        div = avgpool_divisor((H, W), a, (Ho, Wo))
-        if same_ok:
-            tf_same = avgpool_divisor((H, W), {**a, "pad": eff, "count_include_pad": False}, (Ho, Wo))
-            same_ok = np.array_equal(tf_same, div)
-        if not same_ok and not np.all(div == kh * kw):
-            factor = ctx.native_hw((kh * kw / div).astype(np.float32))
-    x = xs[0]
-    if same_ok and eff != (0, 0, 0, 0):
-        padding = "SAME"
-    else:
-        padding = "VALID"
-        if eff != (0, 0, 0, 0):
-            if kind == "max":
-                x = _L.Pad(eff, -math.inf, ctx.cl, **ctx.kw(node.name + ".pad"))(x)
-            else:
-                x = keras.layers.ZeroPadding2D(((eff[0], eff[1]), (eff[2], eff[3])), data_format=ctx.data_format,
-                                               **ctx.kw(node.name + ".pad"))(x)
-        Hp, Wp = H + eff[0] + eff[1], W + eff[2] + eff[3]
-        if ((Hp - kh) // sh + 1, (Wp - kw) // sw + 1) != (Ho, Wo):
-            raise UnsupportedError(f"tf backend: {node.name}: pooling output size mismatch (internal)")
-    if ctx.cl:
-        cls = keras.layers.MaxPooling2D if kind == "max" else keras.layers.AveragePooling2D
-        layer = cls((kh, kw), (sh, sw), padding=padding.lower(), data_format=ctx.data_format, **ctx.kw(node.name))
-        y = layer(x)
-        if factor is not None:
-            y = _L.Rescale(factor, **ctx.kw(node.name + ".divisor"))(y)
-        return y
-    return _L.Pool(kind, (kh, kw), (sh, sw), padding, False, factor, **ctx.kw(node.name))(x)
-
-
-def _adaptive(node, xs, shapes, ctx: _Ctx):
-    C, H, W = shapes[0]
-    oh, ow = node.attrs["output_size"]
-    if (oh, ow) == (1, 1):
-        return keras.layers.GlobalAveragePooling2D(data_format=ctx.data_format, keepdims=True,
-                                                   **ctx.kw(node.name))(xs[0])
-    if H % oh == 0 and W % ow == 0:
-        k = (H // oh, W // ow)
-        if k == (1, 1):
-            return keras.layers.Identity(**ctx.kw(node.name))(xs[0])
-        if ctx.cl:
-            return keras.layers.AveragePooling2D(k, k, padding="valid", data_format=ctx.data_format,
-                                                 **ctx.kw(node.name))(xs[0])
-        return _L.Pool("avg", k, k, "VALID", False, None, **ctx.kw(node.name))(xs[0])
-    return _L.AdaptiveAvgPool(adaptive_pool_matrix(H, oh), adaptive_pool_matrix(W, ow), ctx.cl,
-                              **ctx.kw(node.name))(xs[0])
-
-
-def _flatten(node, xs, shapes, ctx: _Ctx):
-    x = xs[0]
-    s = shapes[0]
-    if ctx.cl and len(s) == 3 and s[0] > 1 and s[1] * s[2] > 1:
-        x = keras.layers.Permute((3, 1, 2), **ctx.kw(node.name + ".to_chw"))(x)
-    return keras.layers.Flatten(data_format="channels_last", **ctx.kw(node.name))(x)
-
-
-def _dropout(node, xs, shapes, ctx: _Ctx):
-    layer = _L.Dropout(node.attrs["rate"], **ctx.kw(node.name))
-    ctx.layers[node.name] = layer
-    return layer(xs[0])
-
-
-def _drop_path(node, xs, shapes, ctx: _Ctx):
-    layer = _L.DropPath(node.attrs["rate"], **ctx.kw(node.name))
-    ctx.layers[node.name] = layer
-    return layer(xs[0])
-
-
-def _lrn(node, xs, shapes, ctx: _Ctx):
-    a = node.attrs
-    return _L.LRN(a["size"], a["alpha"], a["beta"], a["k"], ctx.cl, **ctx.kw(node.name))(xs[0])
-
-
-def _channel_split(node, xs, shapes, ctx: _Ctx):
-    a = node.attrs
-    step = shapes[0][0] // a["parts"]
-    axis = ctx.chan_axis(shapes[0])
-    return _L.ChannelSlice(a["index"] * step, (a["index"] + 1) * step, 1 if axis == 1 else -1,
-                           **ctx.kw(node.name))(xs[0])
-
-
-def _mul(node, xs, shapes, ctx: _Ctx):
-    if len(shapes[0]) != len(shapes[1]):
-        raise UnsupportedError(f"tf backend: {node.name}: mul of inputs of different ranks")
-    return keras.layers.Multiply(**ctx.kw(node.name))(list(xs))
-
-
-def _act(make):
-    return lambda node, xs, shapes, ctx: make(node.attrs, ctx.kw(node.name))(xs[0])
-
-
-BUILDERS = {
-    "conv2d": _conv,
-    "linear": _linear,
-    "batchnorm": _batchnorm,
-    "relu": _act(lambda a, kw: keras.layers.ReLU(**kw)),
-    "relu6": _act(lambda a, kw: keras.layers.ReLU(max_value=6.0, **kw)),
-    "leaky_relu": _act(lambda a, kw: keras.layers.LeakyReLU(negative_slope=a["negative_slope"], **kw)),
-    "sigmoid": _act(lambda a, kw: keras.layers.Activation("sigmoid", **kw)),
-    "tanh": _act(lambda a, kw: keras.layers.Activation("tanh", **kw)),
-    "hardswish": _act(lambda a, kw: keras.layers.Activation("hard_swish", **kw)),
-    "hardsigmoid": _act(lambda a, kw: keras.layers.Activation("hard_sigmoid", **kw)),
-    "silu": _act(lambda a, kw: keras.layers.Activation("silu", **kw)),
-    "softmax": lambda n, xs, s, ctx: keras.layers.Softmax(axis=ctx.chan_axis(s[0]), **ctx.kw(n.name))(xs[0]),
-    "maxpool2d": lambda n, xs, s, ctx: _pool(n, xs, s, ctx, "max"),
-    "avgpool2d": lambda n, xs, s, ctx: _pool(n, xs, s, ctx, "avg"),
-    "adaptive_avgpool2d": _adaptive,
-    "global_avgpool": lambda n, xs, s, ctx: keras.layers.GlobalAveragePooling2D(
-        data_format=ctx.data_format, keepdims=True, **ctx.kw(n.name))(xs[0]),
-    "flatten": _flatten,
-    "dropout": _dropout,
-    "drop_path": _drop_path,
-    "lrn": _lrn,
-    "concat": lambda n, xs, s, ctx: keras.layers.Concatenate(axis=ctx.chan_axis(s[0]), **ctx.kw(n.name))(list(xs)),
-    "add": lambda n, xs, s, ctx: keras.layers.Add(**ctx.kw(n.name))(list(xs)),
-    "mul": _mul,
-    "scale": lambda n, xs, s, ctx: _L.Rescale(n.attrs["factor"], **ctx.kw(n.name))(xs[0]),
-    "channel_shuffle": lambda n, xs, s, ctx: _L.ChannelShuffle(n.attrs["groups"], ctx.cl, **ctx.kw(n.name))(xs[0]),
-    "channel_split": _channel_split,
-    "identity": lambda n, xs, s, ctx: keras.layers.Identity(**ctx.kw(n.name))(xs[0]),
-    "zeropad2d": lambda n, xs, s, ctx: keras.layers.ZeroPadding2D(
-        ((n.attrs["pad"][0], n.attrs["pad"][1]), (n.attrs["pad"][2], n.attrs["pad"][3])),
-        data_format=ctx.data_format, **ctx.kw(n.name))(xs[0]),
-}
+    _L = generic.with_overrides(BatchNorm, Conv2D, DepthwiseConv2D, Pool, LRN)
 
 
 # --------------------------------------------------------------------------- backend
@@ -676,25 +293,10 @@ class KerasTFBackend(Backend):
                 and any(n.op == "maxpool2d" for n in ir.nodes)):
             self.train_unsupported = ("tf backend: channels_first train step in eager mode on the CPU: TF's eager CPU "
                                       "MaxPoolGrad kernel supports NHWC only (use exec mode graph or xla)")
-        ctx = _Ctx(self.channels_last, keras.DTypePolicy(policy))
         with tf.device(self.device):
-            inp = keras.Input(shape=self._native_shape(ir.input_shape), name=ctx.name("input"), dtype="float32")
-            vals = {ir.nodes[0].name: inp}
-            for node in ir.nodes[1:]:
-                if node.op not in BUILDERS:
-                    raise UnsupportedError(f"tf backend: op {node.op} not implemented")
-                shapes = [ir.node(s).shape for s in node.inputs]
-                vals[node.name] = BUILDERS[node.op](node, [vals[s] for s in node.inputs], shapes, ctx)
-            outs = [vals[o.node] for o in ir.outputs]
-            self.train_model = keras.Model(inp, outs, name=f"{ir.name}_train")
-            self.eval_model = keras.Model(inp, outs[0], name=ir.name)
-        missing = set(ir.params) - set(ctx.params)
-        if missing:
-            raise UnsupportedError(f"tf backend: parameters without a variable: {sorted(missing)[:5]}")
-        self.params = {name: ctx.params[name] for name in ir.params}
-        self.mask_layers = {name: layer for name, layer in ctx.layers.items()
-                            if isinstance(layer, (_L.Dropout, _L.DropPath))}
-        self.aux_weights = [float(o.weight) for o in ir.outputs[1:]]
+            self.model = KerasModel(ir, self.channels_last, policy, _L, "tf", strided_dilation=False)
+        self.train_model, self.eval_model = self.model.train_model, self.model.eval_model
+        self.aux_weights = self.model.aux_weights
         self.tvars = list(self.train_model.trainable_weights)
         self.momentum_bufs = None  # made at the first train step (PyTorch's SGD makes them lazily too)
         self.loss_scale = None
@@ -705,21 +307,6 @@ class KerasTFBackend(Backend):
         self._last = None
         self._make_functions()
 
-    def _native_shape(self, shape):
-        if len(shape) == 3 and self.channels_last:
-            return (shape[1], shape[2], shape[0])
-        return tuple(shape)
-
-    def _to_native(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim == 4 and self.channels_last:
-            return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        return np.ascontiguousarray(x)
-
-    def _from_native(self, y: np.ndarray) -> np.ndarray:
-        if y.ndim == 4 and self.channels_last:
-            return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
-        return y
-
     # functions ----------------------------------------------------------------
 
     def _compile(self, fn, signature):
@@ -729,7 +316,7 @@ class KerasTFBackend(Backend):
 
     def _make_functions(self):
         """(Re)traces the step functions (again after set_masks: masks are constants)."""
-        xspec = tf.TensorSpec((None, *self._native_shape(self.ir.input_shape)), tf.float32)
+        xspec = tf.TensorSpec((None, *self.model.native_shape(self.ir.input_shape)), tf.float32)
         yspec = tf.TensorSpec((None,), tf.int64)
         device = self.device
 
@@ -809,50 +396,34 @@ class KerasTFBackend(Backend):
     # weights -----------------------------------------------------------------
 
     def set_weights(self, weights) -> None:
-        for name, (var, to_native, _) in self.params.items():
-            w = np.asarray(weights[name], dtype=np.float32)
-            if w.shape != self.ir.params[name].shape:
-                raise ValueError(f"{name}: shape {w.shape} != {self.ir.params[name].shape}")
-            var.assign(np.ascontiguousarray(to_native(w) if to_native else w))
+        self.model.set_weights(weights)
 
     def get_weights(self):
-        out = {}
-        for name, (var, _, from_native) in self.params.items():
-            v = np.asarray(var.numpy()).astype(np.float32)
-            out[name] = np.ascontiguousarray(from_native(v) if from_native else v).copy()
-        return out
+        return self.model.get_weights(lambda v: v.value.numpy())
 
     def param_counts(self):
-        def count(ws):
-            return int(sum(int(np.prod(w.shape)) for w in ws))
-
-        return count(self.train_model.trainable_weights), count(self.train_model.non_trainable_weights)
+        return self.model.param_counts()
 
     def set_masks(self, masks: dict[str, np.ndarray] | None) -> None:
-        for name, layer in self.mask_layers.items():
-            m = masks.get(name) if masks else None
-            if m is None:
-                layer.fixed_mask = None
-                continue
-            m = np.asarray(m, dtype=np.float32)
-            if isinstance(layer, _L.Dropout):
-                m = self._to_native(m)
+        def constant(m):
             with tf.device(self.device):
-                layer.fixed_mask = tf.constant(m)
+                return tf.constant(m)
+
+        self.model.set_masks(masks, constant)
         self._make_functions()
 
     # steps -------------------------------------------------------------------
 
     def forward(self, x, train=False):
         with tf.device(self.device):
-            xt = tf.constant(self._to_native(np.asarray(x, dtype=np.float32)))
+            xt = tf.constant(self.model.to_native(np.asarray(x, dtype=np.float32)))
         out = self._forward_train(xt) if train else self._infer(xt)
         outs = out if isinstance(out, (list, tuple)) else [out]
-        return [self._from_native(np.asarray(tf.cast(o, tf.float32).numpy())) for o in outs]
+        return [self.model.from_native(np.asarray(tf.cast(o, tf.float32).numpy())) for o in outs]
 
     def to_device(self, x, y):
         with tf.device(self.device):
-            xt = tf.identity(tf.constant(self._to_native(np.asarray(x, dtype=np.float32))))
+            xt = tf.identity(tf.constant(self.model.to_native(np.asarray(x, dtype=np.float32))))
             yt = tf.identity(tf.constant(np.asarray(y, dtype=np.int64)))
         return xt, yt
 

@@ -1,0 +1,199 @@
+"""Keras 3 on PyTorch: the tf backend's Keras model, run by PyTorch (``KERAS_BACKEND=torch``).
+
+What a Keras user gets on PyTorch, next to the native ``torch`` backend: the same network as
+Keras layers (backends/keras_builder.py, the generic layers in keras.ops), executed eagerly by
+PyTorch. The difference between the two backends' step times is what Keras costs over
+PyTorch.
+
+    * Keras variables on torch are ``torch.nn.Parameter`` objects; the train step is
+      PyTorch's own: autograd on the harness loss (torch's cross_entropy), then
+      ``torch.optim.SGD`` (momentum, coupled L2 weight decay) over those parameters, so the
+      update rule is the torch backend's, line for line.
+    * BatchNorm is Keras' own layer (momentum 1 - m): it updates the running variance with
+      the biased batch variance, hence ``bn_variance = "biased"``.
+    * Exec mode ``eager`` only: Keras' torch backend runs op by op (its jit_compile is
+      torch.compile, which compiles for minutes per net on 2 CPU cores).
+    * Precision: fp32; amp-bf16 is Keras' mixed_bfloat16 policy; tf32 on CUDA only; fp16
+      mixed precision would need loss scaling, which this backend does not implement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gc
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from backends import keras_builder
+from backends.keras_builder import POLICIES, KerasModel
+from harness.backend import Backend, BuildConfig, split_device
+from harness.errors import UnsupportedError
+
+torch = None
+F = None
+keras = None
+
+
+def _import():
+    global torch, F, keras
+    if torch is not None:
+        return
+    keras = keras_builder.import_keras("torch", "keras-torch")
+    import torch as _torch
+    import torch.nn.functional as _F
+
+    torch, F = _torch, _F
+
+
+class KerasTorchBackend(Backend):
+    """Keras 3 on PyTorch, eager (Keras' torch backend), PyTorch's autograd and SGD."""
+
+    name = "keras-torch"
+    framework = "keras"
+    distribution = "keras"
+    exec_modes = ("eager",)
+    options = {"layout": ("channels_last", "channels_first")}
+    known_gaps: dict[str, str] = {}
+    bn_variance = "biased"
+
+    @classmethod
+    def available(cls) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("keras", "torch"))
+
+    @classmethod
+    def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
+        return {"KERAS_BACKEND": "torch", **super().env_vars(threads, tuned)}
+
+    # ------------------------------------------------------------------ framework
+
+    def import_framework(self) -> None:
+        _import()
+
+    def version(self) -> str:
+        return f"keras {keras.__version__}, torch {torch.__version__}"
+
+    def devices(self) -> list[str]:
+        return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+    def configure(self, threads: int, tuned: bool) -> dict[str, Any]:
+        if tuned:
+            torch.set_num_threads(threads)
+            try:
+                torch.set_num_interop_threads(threads)
+            except RuntimeError:  # already set in this process
+                pass
+        return {
+            "torch_num_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "torch_version": torch.__version__,
+            "keras_version": keras.__version__,
+            "keras_backend": keras.backend.backend(),
+        }
+
+    def build(self, ir, config: BuildConfig) -> None:
+        gc.collect()  # Keras functional graphs are reference cycles (see the tf backend)
+        config = self.resolve_config(config)
+        kind, index = split_device(config.device)
+        if kind == "ascend":
+            raise UnsupportedError("keras-torch backend: Ascend devices are not supported")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedError("keras-torch backend: CUDA is not available here")
+        prec = config.precision
+        if prec == "tf32" and kind != "cuda":
+            raise UnsupportedError("keras-torch backend: tf32 exists on CUDA only")
+        if prec == "amp-fp16":
+            raise UnsupportedError("keras-torch backend: fp16 mixed precision needs loss scaling, not implemented "
+                                   "here; use amp-bf16")
+        if kind == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+            torch.backends.cudnn.allow_tf32 = prec == "tf32"
+        self.device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
+        self.keras_device = "cpu" if kind == "cpu" else f"cuda:{index}"
+        self.config, self.ir = config, ir
+        channels_last = config.options["layout"] == "channels_last"
+        with keras.device(self.keras_device):
+            # same_avgpool=False: Keras 3.15's torch backend pads asymmetric "same" pooling with
+            # mode "replicate", right for max pooling but counting copied edge values in an
+            # average (TF and JAX exclude the pads): explicit zero pads and a divisor map instead.
+            self.model = KerasModel(ir, channels_last, POLICIES[prec], keras_builder.generic_layers(),
+                                    "keras-torch", same_avgpool=False)
+        params = [v.value for v in self.model.train_model.trainable_weights]
+        opt = config.optimizer
+        self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum,
+                                         weight_decay=opt.weight_decay) if params else None
+
+    # weights -----------------------------------------------------------------
+
+    def set_weights(self, weights) -> None:
+        self.model.set_weights(weights)
+
+    def get_weights(self):
+        return self.model.get_weights(lambda v: v.value.detach().cpu().numpy())
+
+    def param_counts(self):
+        return self.model.param_counts()
+
+    def set_masks(self, masks: dict[str, np.ndarray] | None) -> None:
+        self.model.set_masks(masks, lambda m: torch.from_numpy(m).to(self.device))
+
+    # steps -------------------------------------------------------------------
+
+    def _input(self, x):
+        return torch.from_numpy(self.model.to_native(np.asarray(x, dtype=np.float32))).to(self.device)
+
+    @staticmethod
+    def _outputs(out) -> list:
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def forward(self, x, train=False):
+        with torch.no_grad(), keras.device(self.keras_device):
+            model = self.model.train_model if train else self.model.eval_model
+            outs = self._outputs(model(self._input(x), training=train))
+        return [self.model.from_native(o.detach().float().cpu().numpy()) for o in outs]
+
+    def to_device(self, x, y):
+        return self._input(x), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device)
+
+    def infer_step(self, batch):
+        with torch.no_grad(), keras.device(self.keras_device):  # as Keras' own predict_step on torch
+            return self.model.eval_model(batch[0], training=False)
+
+    def _loss(self, outs, y):
+        loss = F.cross_entropy(outs[0].float(), y)
+        for o, w in zip(outs[1:], self.model.aux_weights):
+            loss = loss + w * F.cross_entropy(o.float(), y)
+        return loss
+
+    def train_step(self, batch):
+        x, y = batch
+        with keras.device(self.keras_device):
+            if self.optimizer is None:  # nothing to learn: forward (BN statistics) and loss only
+                with torch.no_grad():
+                    return self._loss(self._outputs(self.model.train_model(x, training=True)), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(self._outputs(self.model.train_model(x, training=True)), y)
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    def set_lr(self, lr: float) -> None:
+        self.config = replace(self.config, optimizer=replace(self.config.optimizer, lr=lr))
+        for group in (self.optimizer.param_groups if self.optimizer else []):
+            group["lr"] = lr
+
+    def loss_value(self, loss) -> float:
+        return float(loss.item())
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def memory_stats(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        mb = 1024 * 1024
+        return {"alloc_peak_mb": torch.cuda.max_memory_allocated(self.device) / mb,
+                "reserved_peak_mb": torch.cuda.max_memory_reserved(self.device) / mb}
