@@ -1,0 +1,271 @@
+"""Keras 3 on JAX: the tf backend's Keras model, run by JAX (``KERAS_BACKEND=jax``).
+
+What a Keras user gets on JAX: the same network as Keras layers (backends/keras_builder.py,
+the generic layers in keras.ops), its steps compiled by XLA the way Keras' own JAX trainer
+does it: pure functions of the variables' values through ``Model.stateless_call``, under
+``jax.jit``.
+
+    * State lives outside the Keras variables while steps run (as in Keras' JAX trainer):
+      lists of arrays for the trainable and non-trainable variables (BN statistics, seed
+      generator states) and the momentum buffers. get_weights writes them back first;
+      set_weights reads them again.
+    * The train step is one jitted function: loss (mean sparse CE + weighted aux CE, in
+      float32), ``jax.value_and_grad``, then PyTorch's SGD written out (g += wd * w;
+      buf = m * buf + g; w -= lr * buf). The learning rate is an argument, so set_lr does
+      not recompile. Every parameter gets a gradient here (zero where unused), where
+      PyTorch's SGD would skip a parameter without one.
+    * BatchNorm is Keras' own layer (momentum 1 - m): biased running variance, so
+      ``bn_variance = "biased"``.
+    * Exec modes: ``jit`` (default; first-step time includes XLA compilation) and ``eager``
+      (no jax.jit, op by op: for debugging).
+    * Threads: XLA:CPU sizes its own thread pool; ``tuned`` sets XLA_FLAGS'
+      intra_op_parallelism_threads to the core budget and records what JAX was given.
+    * Precision: fp32; amp-bf16 is Keras' mixed_bfloat16 policy; tf32 and fp16 mixed
+      precision are not implemented here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gc
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+
+from backends import keras_builder
+from backends.keras_builder import POLICIES, KerasModel
+from harness.backend import Backend, BuildConfig, split_device
+from harness.errors import UnsupportedError
+
+jax = None
+jnp = None
+keras = None
+
+MB = 1024 * 1024
+
+
+def _import():
+    global jax, jnp, keras
+    if jax is not None:
+        return
+    keras = keras_builder.import_keras("jax", "keras-jax")
+    import jax as _jax
+    import jax.numpy as _jnp
+
+    jax, jnp = _jax, _jnp
+
+
+def _outputs(out) -> list:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+class KerasJaxBackend(Backend):
+    """Keras 3 on JAX: stateless_call under jax.jit (``jit``) or op by op (``eager``)."""
+
+    name = "keras-jax"
+    framework = "keras"
+    distribution = "keras"
+    exec_modes = ("jit", "eager")
+    options = {"layout": ("channels_last", "channels_first")}
+    known_gaps: dict[str, str] = {}
+    bn_variance = "biased"
+
+    @classmethod
+    def available(cls) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("keras", "jax"))
+
+    @classmethod
+    def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
+        env = {"KERAS_BACKEND": "jax", **super().env_vars(threads, tuned)}
+        if tuned:
+            flags = os.environ.get("XLA_FLAGS", "")
+            env["XLA_FLAGS"] = f"{flags} intra_op_parallelism_threads={threads}".strip()
+        return env
+
+    # ------------------------------------------------------------------ framework
+
+    def import_framework(self) -> None:
+        _import()
+
+    def version(self) -> str:
+        return f"keras {keras.__version__}, jax {jax.__version__}"
+
+    def _gpus(self) -> list:
+        try:
+            return jax.devices("gpu")
+        except RuntimeError:  # no GPU platform in this jaxlib
+            return []
+
+    def devices(self) -> list[str]:
+        return ["cpu"] + [f"cuda:{i}" for i in range(len(self._gpus()))]
+
+    def configure(self, threads: int, tuned: bool) -> dict[str, Any]:
+        return {
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jax_version": jax.__version__,
+            "jax_default_backend": jax.default_backend(),
+            "keras_version": keras.__version__,
+            "keras_backend": keras.backend.backend(),
+        }
+
+    def build(self, ir, config: BuildConfig) -> None:
+        gc.collect()  # Keras functional graphs are reference cycles (see the tf backend)
+        config = self.resolve_config(config)
+        kind, index = split_device(config.device)
+        if kind == "ascend":
+            raise UnsupportedError("keras-jax backend: Ascend devices are not supported")
+        if kind == "cuda":
+            gpus = self._gpus()
+            if index >= len(gpus):
+                raise UnsupportedError(f"keras-jax backend: no GPU {index} (JAX sees {len(gpus)}; install jax[cuda12])")
+            self.device = gpus[index]
+        else:
+            self.device = jax.devices("cpu")[0]
+        prec = config.precision
+        if prec in ("tf32", "amp-fp16"):
+            raise UnsupportedError(f"keras-jax backend: precision {prec} is not implemented here (fp32, amp-bf16)")
+        self.config, self.ir = config, ir
+        self.mode = config.exec_mode
+        channels_last = config.options["layout"] == "channels_last"
+        with keras.device(f"{'gpu' if kind == 'cuda' else 'cpu'}:{index if kind == 'cuda' else 0}"):
+            self.model = KerasModel(ir, channels_last, POLICIES[prec], keras_builder.generic_layers(), "keras-jax")
+        train_model, eval_model = self.model.train_model, self.model.eval_model
+        self.tvars = list(train_model.trainable_variables)
+        self.ntvars = list(train_model.non_trainable_variables)
+        # The eval model uses a subset of the train model's variables (no aux heads).
+        tpos = {id(v): i for i, v in enumerate(self.tvars)}
+        npos = {id(v): i for i, v in enumerate(self.ntvars)}
+        self.eval_index = ([tpos[id(v)] for v in eval_model.trainable_variables],
+                           [npos[id(v)] for v in eval_model.non_trainable_variables])
+        self.bufs = None  # momentum buffers, made at the first train step (as PyTorch's SGD)
+        self._pull()
+        self._last = None
+        self._make_functions()
+
+    # state -------------------------------------------------------------------
+
+    def _pull(self) -> None:
+        """Reads the state from the Keras variables."""
+        self.tv = [v.value for v in self.tvars]
+        self.ntv = [v.value for v in self.ntvars]
+
+    def _push(self) -> None:
+        """Writes the state back into the Keras variables."""
+        for var, value in zip(self.tvars, self.tv):
+            var.assign(value)
+        for var, value in zip(self.ntvars, self.ntv):
+            var.assign(value)
+
+    # functions ---------------------------------------------------------------
+
+    def _compile(self, fn, donate=()):
+        return fn if self.mode == "eager" else jax.jit(fn, donate_argnums=donate)
+
+    def _loss(self, outs, y):
+        def ce(logits):
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+        loss = ce(outs[0])
+        for o, w in zip(outs[1:], self.model.aux_weights):
+            loss = loss + w * ce(o)
+        return loss
+
+    def _make_functions(self) -> None:
+        """(Re)makes the step functions (again after set_masks: masks are trace constants)."""
+        train_model, eval_model = self.model.train_model, self.model.eval_model
+        ti, ni = self.eval_index
+        opt = self.config.optimizer
+
+        def infer(tv, ntv, x):
+            out, _ = eval_model.stateless_call([tv[i] for i in ti], [ntv[i] for i in ni], x, training=False)
+            return out
+
+        def forward_train(tv, ntv, x):
+            outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
+            return _outputs(outs), new_ntv
+
+        def train(tv, ntv, bufs, lr, x, y):
+            def loss_fn(tv):
+                outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
+                return self._loss(_outputs(outs), y), new_ntv
+
+            (loss, new_ntv), grads = jax.value_and_grad(loss_fn, has_aux=True)(tv)
+            new_tv, new_bufs = [], []
+            for w, g, buf in zip(tv, grads, bufs):
+                if opt.weight_decay:
+                    g = g + opt.weight_decay * w
+                buf = opt.momentum * buf + g
+                new_bufs.append(buf)
+                new_tv.append(w - lr.astype(w.dtype) * buf)
+            return loss, new_tv, new_ntv, new_bufs
+
+        self._infer = self._compile(infer)
+        self._forward_train = self._compile(forward_train)
+        self._train = self._compile(train, donate=(0, 1, 2))
+
+    # weights -----------------------------------------------------------------
+
+    def set_weights(self, weights) -> None:
+        self._push()  # non-canonical state (seed generators) is kept as it is
+        self.model.set_weights(weights)
+        self._pull()
+
+    def get_weights(self):
+        self._push()
+        return self.model.get_weights(lambda v: np.asarray(v.value))
+
+    def param_counts(self):
+        return self.model.param_counts()
+
+    def set_masks(self, masks: dict[str, np.ndarray] | None) -> None:
+        self.model.set_masks(masks, lambda m: jax.device_put(m, self.device))
+        self._make_functions()
+
+    # steps -------------------------------------------------------------------
+
+    def _input(self, x):
+        return jax.device_put(self.model.to_native(np.asarray(x, dtype=np.float32)), self.device)
+
+    def forward(self, x, train=False):
+        xt = self._input(x)
+        if train:
+            outs, self.ntv = self._forward_train(self.tv, self.ntv, xt)
+        else:
+            outs = [self._infer(self.tv, self.ntv, xt)]
+        return [self.model.from_native(np.asarray(o, dtype=np.float32)) for o in outs]
+
+    def to_device(self, x, y):
+        return self._input(x), jax.device_put(np.asarray(y, dtype=np.int32), self.device)
+
+    def infer_step(self, batch):
+        self._last = self._infer(self.tv, self.ntv, batch[0])
+        return self._last
+
+    def train_step(self, batch):
+        if self.bufs is None:
+            self.bufs = [jnp.zeros_like(w) for w in self.tv]
+        lr = jnp.asarray(self.config.optimizer.lr, jnp.float32)
+        loss, self.tv, self.ntv, self.bufs = self._train(self.tv, self.ntv, self.bufs, lr, *batch)
+        self._last = loss
+        return loss
+
+    def set_lr(self, lr: float) -> None:
+        self.config = replace(self.config, optimizer=replace(self.config.optimizer, lr=lr))
+
+    def loss_value(self, loss) -> float:
+        return float(loss)
+
+    def synchronize(self) -> None:
+        if self._last is not None:
+            jax.block_until_ready(self._last)
+
+    def memory_stats(self) -> dict[str, float]:
+        if self.device.platform == "cpu":
+            return {}
+        stats = self.device.memory_stats() or {}
+        return {"alloc_peak_mb": stats.get("peak_bytes_in_use", 0) / MB,
+                "alloc_current_mb": stats.get("bytes_in_use", 0) / MB}
