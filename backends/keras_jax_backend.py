@@ -18,8 +18,9 @@ does it: pure functions of the variables' values through ``Model.stateless_call`
       ``bn_variance = "biased"``.
     * Exec modes: ``jit`` (default; first-step time includes XLA compilation) and ``eager``
       (no jax.jit, op by op: for debugging).
-    * Threads: XLA:CPU sizes its own thread pool; ``tuned`` sets XLA_FLAGS'
-      intra_op_parallelism_threads to the core budget and records what JAX was given.
+    * Threads: XLA:CPU sizes its thread pool to the CPUs the process may run on; ``tuned``
+      with a smaller core budget restricts the process's CPU affinity to that many CPUs
+      before JAX starts its client (XLA has no thread-count flag).
     * Precision: fp32; amp-bf16 is Keras' mixed_bfloat16 policy; tf32 and fp16 mixed
       precision are not implemented here.
 """
@@ -79,11 +80,7 @@ class KerasJaxBackend(Backend):
 
     @classmethod
     def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
-        env = {"KERAS_BACKEND": "jax", **super().env_vars(threads, tuned)}
-        if tuned:
-            flags = os.environ.get("XLA_FLAGS", "")
-            env["XLA_FLAGS"] = f"{flags} intra_op_parallelism_threads={threads}".strip()
-        return env
+        return {"KERAS_BACKEND": "jax", **super().env_vars(threads, tuned)}
 
     # ------------------------------------------------------------------ framework
 
@@ -103,7 +100,17 @@ class KerasJaxBackend(Backend):
         return ["cpu"] + [f"cuda:{i}" for i in range(len(self._gpus()))]
 
     def configure(self, threads: int, tuned: bool) -> dict[str, Any]:
+        # XLA:CPU has no thread-count setting: its pool is sized to the CPUs the process may
+        # run on when the client starts (the first device query, below). Tuned, a budget
+        # smaller than that is applied as the process's CPU affinity, before the client starts.
+        pinned = None
+        if tuned and hasattr(os, "sched_setaffinity"):
+            cpus = sorted(os.sched_getaffinity(0))
+            if threads < len(cpus):
+                pinned = cpus[:threads]
+                os.sched_setaffinity(0, pinned)
         return {
+            "cpu_affinity_set": pinned,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax_version": jax.__version__,
             "jax_default_backend": jax.default_backend(),
