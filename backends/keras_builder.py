@@ -38,12 +38,15 @@ Conventions (harness/ops.py holds the canonical ones):
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.backend import Backend
 from harness.errors import UnsupportedError
 from harness.ops import adaptive_pool_matrix, avgpool_divisor, same_pads
 
@@ -564,3 +567,43 @@ class KerasModel:
             if m.ndim == 4:  # dropout masks follow the activation's layout
                 m = self.to_native(m)
             layer.fixed_mask = constant(m)
+
+
+# --------------------------------------------------------------------------- Keras on another framework
+
+
+class GenericKerasBackend(Backend):
+    """What the backends running Keras on another framework share (keras-torch, keras-jax):
+    the generic layers, Keras' own BatchNormalization (biased running variance), the layout
+    option and the weight and count plumbing of ``self.model`` (a KerasModel)."""
+
+    framework = "keras"
+    distribution = "keras"
+    options = {"layout": ("channels_last", "channels_first")}
+    known_gaps: dict[str, str] = {}
+    bn_variance = "biased"
+    keras_backend: ClassVar[str]  # Keras' name of the framework, also its module: "torch", "jax"
+
+    @classmethod
+    def available(cls) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("keras", cls.keras_backend))
+
+    @classmethod
+    def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
+        return {"KERAS_BACKEND": cls.keras_backend, **super().env_vars(threads, tuned)}
+
+    def version(self) -> str:
+        framework = importlib.import_module(self.keras_backend)
+        return f"keras {keras.__version__}, {self.keras_backend} {framework.__version__}"
+
+    def build_model(self, ir, config, keras_device: str, **builder_options) -> None:
+        """Builds ``self.model`` from the generic layers on ``keras_device``."""
+        with keras.device(keras_device):
+            self.model = KerasModel(ir, config.options["layout"] == "channels_last", POLICIES[config.precision],
+                                    generic_layers(), self.name, **builder_options)
+
+    def set_weights(self, weights) -> None:
+        self.model.set_weights(weights)
+
+    def param_counts(self):
+        return self.model.param_counts()

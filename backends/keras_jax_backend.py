@@ -30,15 +30,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import gc
-import importlib.util
 import os
 from typing import Any
 
 import numpy as np
 
 from backends import keras_builder
-from backends.keras_builder import POLICIES, KerasModel
-from harness.backend import Backend, BuildConfig, split_device
+from backends.keras_builder import GenericKerasBackend
+from harness.backend import BuildConfig, split_device
 from harness.errors import UnsupportedError
 
 jax = None
@@ -63,32 +62,17 @@ def _outputs(out) -> list:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-class KerasJaxBackend(Backend):
+class KerasJaxBackend(GenericKerasBackend):
     """Keras 3 on JAX: stateless_call under jax.jit (``jit``) or op by op (``eager``)."""
 
     name = "keras-jax"
-    framework = "keras"
-    distribution = "keras"
+    keras_backend = "jax"
     exec_modes = ("jit", "eager")
-    options = {"layout": ("channels_last", "channels_first")}
-    known_gaps: dict[str, str] = {}
-    bn_variance = "biased"
-
-    @classmethod
-    def available(cls) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in ("keras", "jax"))
-
-    @classmethod
-    def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
-        return {"KERAS_BACKEND": "jax", **super().env_vars(threads, tuned)}
 
     # ------------------------------------------------------------------ framework
 
     def import_framework(self) -> None:
         _import()
-
-    def version(self) -> str:
-        return f"keras {keras.__version__}, jax {jax.__version__}"
 
     def _gpus(self) -> list:
         try:
@@ -136,9 +120,7 @@ class KerasJaxBackend(Backend):
             raise UnsupportedError(f"keras-jax backend: precision {prec} is not implemented here (fp32, amp-bf16)")
         self.config, self.ir = config, ir
         self.mode = config.exec_mode
-        channels_last = config.options["layout"] == "channels_last"
-        with keras.device(f"{'gpu' if kind == 'cuda' else 'cpu'}:{index if kind == 'cuda' else 0}"):
-            self.model = KerasModel(ir, channels_last, POLICIES[prec], keras_builder.generic_layers(), "keras-jax")
+        self.build_model(ir, config, f"gpu:{index}" if kind == "cuda" else "cpu:0")
         train_model, eval_model = self.model.train_model, self.model.eval_model
         self.tvars = list(train_model.trainable_variables)
         self.ntvars = list(train_model.non_trainable_variables)
@@ -218,15 +200,12 @@ class KerasJaxBackend(Backend):
 
     def set_weights(self, weights) -> None:
         self._push()  # non-canonical state (seed generators) is kept as it is
-        self.model.set_weights(weights)
+        super().set_weights(weights)
         self._pull()
 
     def get_weights(self):
         self._push()
         return self.model.get_weights(lambda v: np.asarray(v.value))
-
-    def param_counts(self):
-        return self.model.param_counts()
 
     def set_masks(self, masks: dict[str, np.ndarray] | None) -> None:
         self.model.set_masks(masks, lambda m: jax.device_put(m, self.device))

@@ -22,14 +22,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import gc
-import importlib.util
 from typing import Any
 
 import numpy as np
 
 from backends import keras_builder
-from backends.keras_builder import POLICIES, KerasModel
-from harness.backend import Backend, BuildConfig, split_device
+from backends.keras_builder import GenericKerasBackend
+from harness.backend import BuildConfig, split_device
 from harness.errors import UnsupportedError
 
 torch = None
@@ -48,32 +47,15 @@ def _import():
     torch, F = _torch, _F
 
 
-class KerasTorchBackend(Backend):
+class KerasTorchBackend(GenericKerasBackend):
     """Keras 3 on PyTorch, eager (Keras' torch backend), PyTorch's autograd and SGD."""
 
     name = "keras-torch"
-    framework = "keras"
-    distribution = "keras"
+    keras_backend = "torch"
     exec_modes = ("eager",)
-    options = {"layout": ("channels_last", "channels_first")}
-    known_gaps: dict[str, str] = {}
-    bn_variance = "biased"
-
-    @classmethod
-    def available(cls) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in ("keras", "torch"))
-
-    @classmethod
-    def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
-        return {"KERAS_BACKEND": "torch", **super().env_vars(threads, tuned)}
-
-    # ------------------------------------------------------------------ framework
 
     def import_framework(self) -> None:
         _import()
-
-    def version(self) -> str:
-        return f"keras {keras.__version__}, torch {torch.__version__}"
 
     def devices(self) -> list[str]:
         return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -113,13 +95,10 @@ class KerasTorchBackend(Backend):
         self.device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
         self.keras_device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self.config, self.ir = config, ir
-        channels_last = config.options["layout"] == "channels_last"
-        with keras.device(self.keras_device):
-            # same_avgpool=False: Keras 3.15's torch backend pads asymmetric "same" pooling with
-            # mode "replicate", right for max pooling but counting copied edge values in an
-            # average (TF and JAX exclude the pads): explicit zero pads and a divisor map instead.
-            self.model = KerasModel(ir, channels_last, POLICIES[prec], keras_builder.generic_layers(),
-                                    "keras-torch", same_avgpool=False)
+        # same_avgpool=False: Keras 3.15's torch backend pads asymmetric "same" pooling with
+        # mode "replicate", right for max pooling but counting copied edge values in an
+        # average (TF and JAX exclude the pads): explicit zero pads and a divisor map instead.
+        self.build_model(ir, config, self.keras_device, same_avgpool=False)
         params = [v.value for v in self.model.train_model.trainable_weights]
         opt = config.optimizer
         self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum,
@@ -127,14 +106,8 @@ class KerasTorchBackend(Backend):
 
     # weights -----------------------------------------------------------------
 
-    def set_weights(self, weights) -> None:
-        self.model.set_weights(weights)
-
     def get_weights(self):
         return self.model.get_weights(lambda v: v.value.detach().cpu().numpy())
-
-    def param_counts(self):
-        return self.model.param_counts()
 
     def set_masks(self, masks: dict[str, np.ndarray] | None) -> None:
         self.model.set_masks(masks, lambda m: torch.from_numpy(m).to(self.device))
