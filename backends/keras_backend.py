@@ -295,9 +295,7 @@ class KerasTFBackend(Backend):
                                       "MaxPoolGrad kernel supports NHWC only (use exec mode graph or xla)")
         with tf.device(self.device):
             self.model = KerasModel(ir, self.channels_last, policy, _L, "tf", strided_dilation=False)
-        self.train_model, self.eval_model = self.model.train_model, self.model.eval_model
-        self.aux_weights = self.model.aux_weights
-        self.tvars = list(self.train_model.trainable_weights)
+        self.tvars = list(self.model.train_model.trainable_weights)
         self.momentum_bufs = None  # made at the first train step (PyTorch's SGD makes them lazily too)
         self.loss_scale = None
         if prec == "amp-fp16":
@@ -322,11 +320,11 @@ class KerasTFBackend(Backend):
 
         def infer(x):
             with tf.device(device):
-                return self.eval_model(x, training=False)
+                return self.model.eval_model(x, training=False)
 
         def forward_train(x):
             with tf.device(device):
-                return self.train_model(x, training=True)
+                return self.model.train_model(x, training=True)
 
         def train(x, y):
             with tf.device(device):
@@ -342,17 +340,17 @@ class KerasTFBackend(Backend):
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
 
         loss = ce(outs[0])
-        for o, w in zip(outs[1:], self.aux_weights):
+        for o, w in zip(outs[1:], self.model.aux_weights):
             loss = loss + w * ce(o)
         return loss
 
     def _train_body(self, x, y):
         opt = self.config.optimizer
         if not self.tvars:  # nothing to learn: forward (BN statistics) and loss only
-            outs = self.train_model(x, training=True)
+            outs = self.model.train_model(x, training=True)
             return self._loss(outs if isinstance(outs, (list, tuple)) else [outs], y)
         with tf.GradientTape() as tape:
-            outs = self.train_model(x, training=True)
+            outs = self.model.train_model(x, training=True)
             if not isinstance(outs, (list, tuple)):
                 outs = [outs]
             loss = self._loss(outs, y)

@@ -38,6 +38,7 @@ Conventions (harness/ops.py holds the canonical ones):
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import math
@@ -46,7 +47,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.backend import Backend
+from harness.backend import Backend, split_device
 from harness.errors import UnsupportedError
 from harness.ops import adaptive_pool_matrix, avgpool_divisor, same_pads
 
@@ -333,7 +334,7 @@ def _linear(node, xs, shapes, ctx: _Ctx):
 def _batchnorm(node, xs, shapes, ctx: _Ctx):
     a = node.attrs
     layer = ctx.L.BatchNorm(a["momentum"], axis=ctx.chan_axis(shapes[0]), epsilon=a["eps"], center=a["center"],
-                         scale=a["scale"], **ctx.kw(node.name))
+                            scale=a["scale"], **ctx.kw(node.name))
     y = layer(xs[0])
     if a["scale"]:
         ctx.params[node.name + ".weight"] = (layer.gamma, None, None)
@@ -595,6 +596,20 @@ class GenericKerasBackend(Backend):
     def version(self) -> str:
         framework = importlib.import_module(self.keras_backend)
         return f"keras {keras.__version__}, {self.keras_backend} {framework.__version__}"
+
+    def resolve_build(self, config):
+        """The start of build(): config resolved, device kind and index (no Ascend here)."""
+        gc.collect()  # Keras functional graphs are reference cycles (see the tf backend)
+        config = self.resolve_config(config)
+        kind, index = split_device(config.device)
+        if kind == "ascend":
+            raise UnsupportedError(f"{self.name} backend: Ascend devices are not supported")
+        return config, kind, index
+
+    @staticmethod
+    def outputs(out) -> list:
+        """A Keras model's output(s) as a list."""
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def build_model(self, ir, config, keras_device: str, **builder_options) -> None:
         """Builds ``self.model`` from the generic layers on ``keras_device``."""

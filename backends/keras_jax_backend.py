@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import gc
 import os
 from typing import Any
 
@@ -37,7 +36,7 @@ import numpy as np
 
 from backends import keras_builder
 from backends.keras_builder import GenericKerasBackend
-from harness.backend import BuildConfig, split_device
+from harness.backend import BuildConfig
 from harness.errors import UnsupportedError
 
 jax = None
@@ -56,10 +55,6 @@ def _import():
     import jax.numpy as _jnp
 
     jax, jnp = _jax, _jnp
-
-
-def _outputs(out) -> list:
-    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 class KerasJaxBackend(GenericKerasBackend):
@@ -103,11 +98,7 @@ class KerasJaxBackend(GenericKerasBackend):
         }
 
     def build(self, ir, config: BuildConfig) -> None:
-        gc.collect()  # Keras functional graphs are reference cycles (see the tf backend)
-        config = self.resolve_config(config)
-        kind, index = split_device(config.device)
-        if kind == "ascend":
-            raise UnsupportedError("keras-jax backend: Ascend devices are not supported")
+        config, kind, index = self.resolve_build(config)
         if kind == "cuda":
             gpus = self._gpus()
             if index >= len(gpus):
@@ -175,12 +166,12 @@ class KerasJaxBackend(GenericKerasBackend):
 
         def forward_train(tv, ntv, x):
             outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
-            return _outputs(outs), new_ntv
+            return self.outputs(outs), new_ntv
 
         def train(tv, ntv, bufs, lr, x, y):
             def loss_fn(tv):
                 outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
-                return self._loss(_outputs(outs), y), new_ntv
+                return self._loss(self.outputs(outs), y), new_ntv
 
             (loss, new_ntv), grads = jax.value_and_grad(loss_fn, has_aux=True)(tv)
             new_tv, new_bufs = [], []

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import gc
 from typing import Any
 
 import numpy as np
 
 from backends import keras_builder
 from backends.keras_builder import GenericKerasBackend
-from harness.backend import BuildConfig, split_device
+from harness.backend import BuildConfig
 from harness.errors import UnsupportedError
 
 torch = None
@@ -76,11 +75,7 @@ class KerasTorchBackend(GenericKerasBackend):
         }
 
     def build(self, ir, config: BuildConfig) -> None:
-        gc.collect()  # Keras functional graphs are reference cycles (see the tf backend)
-        config = self.resolve_config(config)
-        kind, index = split_device(config.device)
-        if kind == "ascend":
-            raise UnsupportedError("keras-torch backend: Ascend devices are not supported")
+        config, kind, index = self.resolve_build(config)
         if kind == "cuda" and not torch.cuda.is_available():
             raise UnsupportedError("keras-torch backend: CUDA is not available here")
         prec = config.precision
@@ -117,14 +112,10 @@ class KerasTorchBackend(GenericKerasBackend):
     def _input(self, x):
         return torch.from_numpy(self.model.to_native(np.asarray(x, dtype=np.float32))).to(self.device)
 
-    @staticmethod
-    def _outputs(out) -> list:
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-
     def forward(self, x, train=False):
         with torch.no_grad(), keras.device(self.keras_device):
             model = self.model.train_model if train else self.model.eval_model
-            outs = self._outputs(model(self._input(x), training=train))
+            outs = self.outputs(model(self._input(x), training=train))
         return [self.model.from_native(o.detach().float().cpu().numpy()) for o in outs]
 
     def to_device(self, x, y):
@@ -145,9 +136,9 @@ class KerasTorchBackend(GenericKerasBackend):
         with keras.device(self.keras_device):
             if self.optimizer is None:  # nothing to learn: forward (BN statistics) and loss only
                 with torch.no_grad():
-                    return self._loss(self._outputs(self.model.train_model(x, training=True)), y)
+                    return self._loss(self.outputs(self.model.train_model(x, training=True)), y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(self._outputs(self.model.train_model(x, training=True)), y)
+            loss = self._loss(self.outputs(self.model.train_model(x, training=True)), y)
             loss.backward()
             self.optimizer.step()
         return loss.detach()
