@@ -61,3 +61,35 @@ def test_the_disk_cache_keeps_tie_windows_not_trajectories(tmp_path, monkeypatch
     assert loaded.tie_windows == windows and loaded.near_ties == 3 and len(loaded.tie_windows) == TRAIN_STEPS
     assert loaded.losses == made.losses
     assert all(np.array_equal(loaded.steps[-1][n], made.steps[-1][n]) for n in made.steps[-1])
+
+
+def _flipped_run(case, flips):
+    """What a float32 run that resolved ``flips`` (per step) the other way reports: its weights."""
+    run = _oracle(case.id, case.ir, case.weights, case.x, case.y, 0, True, flips, case.optimizer, case.masks)
+    return case.weights, run.steps
+
+
+def test_fitted_flips_read_a_runs_tie_resolutions_off_its_updates(monkeypatch):
+    # Every window of the pool counts as a near-tie here: a run that flipped two of them (one
+    # per step) is told apart from the other single flips (108 windows a step) and their combinations.
+    monkeypatch.setattr(conformance, "TIE_FIT_RTOL", 10.0)
+    case = _maxpool_case()
+    flips = [[("pool", 1, 2, 0, 1)], [("pool", 3, 0, 2, 2)]]
+    assert conformance.fitted_flips(case, *_flipped_run(case, flips)) == flips
+    assert conformance.fitted_flips(case, *_flipped_run(case, [[], []])) == [[], []]
+
+
+def test_the_fitted_trajectory_comes_last_and_only_when_new(monkeypatch):
+    monkeypatch.setattr(conformance, "TIE_FIT_RTOL", 10.0)
+    case = _maxpool_case()
+    start, steps = _flipped_run(case, [[("pool", 0, 1, 1, 0)], []])
+    *_, (_, last) = case.trajectories((start, steps))
+    assert case.fitted == [[("pool", 0, 1, 1, 0)], []]
+    assert all(np.array_equal(last[k][n], steps[k][n]) for k in range(TRAIN_STEPS) for n in steps[k])
+    assert len(list(case.trajectories(_flipped_run(case, [[], []])))) == 1  # the oracle's own: nothing new
+
+
+def test_fitted_flips_are_near_ties_only():
+    case = _maxpool_case()  # no window of this batch is within TIE_FIT_RTOL of a tie
+    start, steps = _flipped_run(case, [[("pool", 1, 2, 0, 1)], []])
+    assert conformance.fitted_flips(case, start, steps) == [[], []]
