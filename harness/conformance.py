@@ -379,9 +379,9 @@ def fitted_flips(case: "TrainingCase", start_got, got_steps) -> list[list[tuple]
     before_got, momentum, chosen = start_got, None, []
     for got in got_steps:
         windows = maxpool_near_ties(ir, params, case.x, case.masks, TIE_FIT_RTOL)[:MAX_FIT_CANDIDATES]
-        step_flips = []
+        _, g0, updates, _ = grads.gradients(ir, params, case.x, case.y, case.masks, 0, bn_unbiased=case.bn_unbiased)
+        g, step_flips = g0, []
         if windows:
-            _, g0, updates, _ = grads.gradients(ir, params, case.x, case.y, case.masks, 0, bn_unbiased=case.bn_unbiased)
             base, _ = grads.sgd_update(ir, params, g0, updates, case.optimizer, momentum)
             scale = {n: WEIGHT_ATOL + UPDATE_RTOL * np.abs(base[n] - params[n]).max() for n in trainable}
 
@@ -393,9 +393,9 @@ def fitted_flips(case: "TrainingCase", start_got, got_steps) -> list[list[tuple]
                                   - (base[n] - params[n]) for n in trainable})
             deltas = []
             for window in windows:
-                _, g, _, _ = grads.gradients(ir, params, case.x, case.y, case.masks, 0, bn_unbiased=case.bn_unbiased,
-                                             flips=[window])
-                deltas.append(sketch({n: -case.optimizer.lr * (g[n] - g0[n]) for n in trainable}))
+                _, g_flip, _, _ = grads.gradients(ir, params, case.x, case.y, case.masks, 0,
+                                                  bn_unbiased=case.bn_unbiased, flips=[window])
+                deltas.append(sketch({n: -case.optimizer.lr * (g_flip[n] - g0[n]) for n in trainable}))
             d = np.stack(deltas, axis=1)
             on = np.linalg.lstsq(d, residual, rcond=None)[0] > 0.5
             error, norms = residual - d @ on, np.square(d).sum(axis=0)
@@ -408,9 +408,10 @@ def fitted_flips(case: "TrainingCase", start_got, got_steps) -> list[list[tuple]
                 on[i] = not on[i]
                 error = error + d[:, i] if not on[i] else error - d[:, i]
             step_flips = [w for w, flip in zip(windows, on) if flip]
+            if step_flips:  # the step's gradient through its flips (BN updates do not depend on them)
+                _, g, _, _ = grads.gradients(ir, params, case.x, case.y, case.masks, 0, bn_unbiased=case.bn_unbiased,
+                                             flips=step_flips)
         chosen.append(step_flips)
-        _, g, updates, _ = grads.gradients(ir, params, case.x, case.y, case.masks, 0, bn_unbiased=case.bn_unbiased,
-                                           flips=step_flips)
         params, momentum = grads.sgd_update(ir, params, g, updates, case.optimizer, momentum)
         before_got = got
     return chosen

@@ -40,9 +40,9 @@ def conv_stack(depth: int):
     return build_ir({"name": f"conv_stack{depth}", "input": [64, 32, 32], "layers": layers}, "timing test")
 
 
-def prepared_step(backend, depth: int, mode: str, batch_size: int = 16):
-    """Builds a conv stack of the given depth; returns its step, run twice (tracing, warm-up)."""
-    ir = conv_stack(depth)
+def prepared_step(backend, mode: str, batch_size: int = 16):
+    """Builds the DEPTH-conv stack; returns its step, run twice already (tracing, warm-up)."""
+    ir = conv_stack(DEPTH)
     backend.build(ir, BuildConfig())
     backend.set_weights(init_weights(ir, 0))
     rng = np.random.default_rng(0)
@@ -64,27 +64,25 @@ def timed(backend, run_step, read_loss: bool = False) -> float:
     return time.perf_counter() - t
 
 
+def fastest_in_turn(first, second, samples: int = 5) -> tuple[float, float]:
+    """Fastest of ``samples`` timings of each callable, taken in turn: a busy spell slows both."""
+    times = [(first(), second()) for _ in range(samples)]
+    return min(a for a, _ in times), min(b for _, b in times)
+
+
 def test_timed_step_includes_the_computation(new_backend):
     mode = "infer"
     small_backend, large_backend = new_backend(), new_backend()
-    small_step = prepared_step(small_backend, DEPTH, mode, SMALL_BATCH)
-    large_step = prepared_step(large_backend, DEPTH, mode, LARGE_BATCH)
-    small, large = [], []
-    for _ in range(5):  # in turn, so a busy spell of the machine slows both
-        small.append(timed(small_backend, small_step))
-        large.append(timed(large_backend, large_step))
-    small, large = min(small), min(large)
+    small_step = prepared_step(small_backend, mode, SMALL_BATCH)
+    large_step = prepared_step(large_backend, mode, LARGE_BATCH)
+    small, large = fastest_in_turn(lambda: timed(small_backend, small_step), lambda: timed(large_backend, large_step))
     assert large > 2 * small, (f"batch {LARGE_BATCH} {large * 1e3:.1f} ms vs batch {SMALL_BATCH} {small * 1e3:.1f} ms "
                                f"per {mode} step (fastest of 5): the timed step does not wait for the computation")
 
 
 def test_timed_train_step_leaves_nothing_to_wait_for(new_backend):
     backend = new_backend()
-    train_step = prepared_step(backend, DEPTH, "train")
-    synced, read = [], []
-    for _ in range(5):  # in turn, as above
-        synced.append(timed(backend, train_step))
-        read.append(timed(backend, train_step, read_loss=True))
-    synced, read = min(synced), min(read)
+    train_step = prepared_step(backend, "train")
+    synced, read = fastest_in_turn(lambda: timed(backend, train_step), lambda: timed(backend, train_step, True))
     assert synced > 0.5 * read, (f"train step {synced * 1e3:.1f} ms synchronised, {read * 1e3:.1f} ms with the loss "
                                  "read back (fastest of 5): synchronize() returned before the step's work was done")
