@@ -212,7 +212,8 @@ def _configure_parity(p):
     p.add_argument("--no-forward", action="store_true", help="skip the forward check")
     p.add_argument("--no-train", action="store_true", help="skip the training-step check")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per backend process (default 3600)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per model before its process is killed "
+                                                              "and the row is a crash (default 3600)")
     p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
     p.add_argument("--python", action="append", metavar="BACKEND=PATH", help="interpreter of a backend's env")
 

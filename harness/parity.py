@@ -155,7 +155,11 @@ def child(config: dict, out_dir: Path) -> int:
 
 def run_backend(backend: str, models: list[str], python: str, forward: bool, train: bool, threads: int,
                 timeout: float, on_row=None) -> list[dict]:
-    """Runs the child for a backend, restarting it after a crash; one row per model."""
+    """Runs the child for a backend, one row per model; ``timeout`` is seconds per model.
+
+    A child that dies, or spends more than ``timeout`` on one model, leaves that model a
+    ``crash`` row and is restarted on the models after it.
+    """
     import subprocess
     import tempfile
 
@@ -165,34 +169,48 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
     env = child_environment(Cell(backend=backend, model=models[0], mode="infer", batch=1, threads=threads))
     rows: dict[str, dict] = {}
     pending = list(models)
+
+    def collect(out: Path) -> bool:
+        """Moves the models whose row file the child wrote from pending to rows."""
+        found = False
+        for model in list(pending):
+            path = out / f"{model}.json"
+            if path.exists():
+                rows[model] = json.loads(path.read_text())
+                pending.remove(model)
+                found = True
+                if on_row:
+                    on_row(rows[model])
+        return found
+
     with tempfile.TemporaryDirectory(prefix="samenet-parity-") as tmp:
         out = Path(tmp)
         while pending:
             config = {"backend": backend, "models": pending, "forward": forward, "train": train, "threads": threads}
             (out / "config.json").write_text(json.dumps(config))
-            try:
-                proc = subprocess.run([python, "-m", "harness.parity", str(out / "config.json"), str(out)], env=env,
-                                      cwd=tmp, capture_output=True, text=True, timeout=timeout)
-                tail, failure = (proc.stderr or proc.stdout)[-2000:], f"exit code {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                tail, failure = "", f"timeout after {timeout:.0f} s"
-            progressed = False
-            for model in list(pending):
-                path = out / f"{model}.json"
-                if path.exists():
-                    rows[model] = json.loads(path.read_text())
-                    pending.remove(model)
-                    progressed = True
-                    if on_row:
-                        on_row(rows[model])
-            if pending:  # the child died on pending[0]: record it and go on with the rest
+            log = out / "child.log"
+            with open(log, "w") as log_file:
+                proc = subprocess.Popen([python, "-m", "harness.parity", str(out / "config.json"), str(out)], env=env,
+                                        cwd=tmp, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+                deadline = time.monotonic() + timeout
+                while proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    if collect(out):  # a row per model: each model gets the whole timeout
+                        deadline = time.monotonic() + timeout
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                    failure = f"timeout after {timeout:.0f} s"
+                else:
+                    failure = f"exit code {proc.returncode}"
+            collect(out)
+            if pending:  # the child died or hung on pending[0]: record it and go on with the rest
                 model = pending.pop(0)
                 rows[model] = {"backend": backend, "model": model, "status": "crash",
-                               "reason": f"the parity process died ({failure})", "log_tail": tail}
+                               "reason": f"the parity process died on this model ({failure})",
+                               "log_tail": log.read_text(errors="replace")[-2000:]}
                 if on_row:
                     on_row(rows[model])
-                if not progressed and not pending:
-                    break
     for row in rows.values():
         reason = _gap(backend, row["model"])
         if reason:

@@ -1,0 +1,54 @@
+"""The parity command's process handling: the timeout is per model, and a hung or dead child
+costs only its model's row (harness.parity.run_backend), with stand-in interpreters."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+from harness.parity import run_backend
+
+# Stand-in for a backend interpreter: `python -m harness.parity CONFIG OUT` writes one row per
+# model after DELAY seconds, but hangs on (or dies at) the model named HANG (DIE).
+CHILD = textwrap.dedent("""\
+    #!{python}
+    import json, os, sys, time
+    config, out = json.load(open(sys.argv[3])), sys.argv[4]
+    for model in config["models"]:
+        if model == {hang!r}:
+            time.sleep(60)
+        if model == {die!r}:
+            print("segfault-like death", flush=True)
+            os._exit(139)
+        time.sleep({delay})
+        json.dump({{"backend": "torch", "model": model, "status": "pass", "reason": ""}},
+                  open(os.path.join(out, model + ".json"), "w"))
+    """)
+
+
+def interpreter(tmp_path, delay=0.0, hang=None, die=None):
+    path = tmp_path / "python"
+    path.write_text(CHILD.format(python=sys.executable, delay=delay, hang=hang, die=die))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_timeout_is_per_model_not_per_process(tmp_path):
+    # 3 models at 0.6 s each take 1.8 s: past a 1.2 s timeout in all, within it for each
+    rows = run_backend("torch", ["a", "b", "c"], interpreter(tmp_path, delay=0.6), True, True, 1, timeout=1.2)
+    assert [(r["model"], r["status"]) for r in rows] == [("a", "pass"), ("b", "pass"), ("c", "pass")]
+
+
+def test_a_hung_model_is_a_crash_row_and_the_others_still_run(tmp_path):
+    rows = run_backend("torch", ["a", "b", "c"], interpreter(tmp_path, hang="b"), True, True, 1, timeout=1.0)
+    assert [(r["model"], r["status"]) for r in rows] == [("a", "pass"), ("b", "crash"), ("c", "pass")]
+    assert "timeout after 1 s" in rows[1]["reason"]
+
+
+def test_a_dead_child_is_a_crash_row_with_its_output(tmp_path):
+    seen = []
+    rows = run_backend("torch", ["a", "b", "c"], interpreter(tmp_path, die="a"), True, True, 1, timeout=10,
+                       on_row=seen.append)
+    assert [(r["model"], r["status"]) for r in rows] == [("a", "crash"), ("b", "pass"), ("c", "pass")]
+    assert "exit code 139" in rows[0]["reason"] and "segfault-like death" in rows[0]["log_tail"]
+    assert [r["model"] for r in seen] == ["a", "b", "c"]
