@@ -52,7 +52,9 @@ CACHE_LIMIT_PARAMS = 30_000_000  # larger models are recomputed rather than cach
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Writes a case file atomically, keeping every array's dtype (labels stay integers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    # One temporary name per process: parity runs backends in parallel processes that may
+    # write the same case at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
 
