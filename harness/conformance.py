@@ -19,6 +19,7 @@ envs compute each reference once.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -527,6 +528,15 @@ def fp32_floor(case: TrainingCase) -> tuple[float, str | None]:
     against a trajectory fitted to its own tie resolutions, as a backend is at the end: four
     fits cost minutes on GoogLeNet, so the floor stays the more lenient one.)
     """
+    import hashlib
+
+    # Cached: every backend's row of a deep net that misses needs the same floor (minutes each).
+    digest = hashlib.sha256(case.x.tobytes()).hexdigest()[:12]
+    path = (cache_dir() / "floor" /
+            f"{case.id.split(':')[-1]}-{case.ir.fingerprint()}-{digest}-{'u' if case.bn_unbiased else 'b'}-{code_version()}.json")
+    if path.exists():
+        floor, where = json.loads(path.read_text())
+        return floor, where
     floors = []
     n = len(case.x)
     for order in (np.roll(np.arange(n)[::step], shift) for step, shift in FP32_ORDERS):
@@ -541,7 +551,12 @@ def fp32_floor(case: TrainingCase) -> tuple[float, str | None]:
             steps.append({n: v.astype(np.float32) for n, v in params.items()})
         floors.append(min(worst_step_error(case.weights, steps, case.weights, want)
                           for _, want in case.trajectories()))
-    return max(floors)
+    floor, where = max(floors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps([floor, where]))
+    tmp.replace(path)
+    return floor, where
 
 
 def fp32_bound_reason(ratio: float, where, floor: float, floor_where) -> str | None:
