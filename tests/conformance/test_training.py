@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from harness.backend import BuildConfig
-from harness.conformance import (LOSS_RTOL, fp32_bound_reason, fp32_floor, model_training_case, op_case_ids,
+from harness.conformance import (FP32_FACTOR, LOSS_RTOL, fp32_bound_reason, fp32_floor, fp32_loss_floor,
+                                 model_training_case, op_case_ids,
                                  op_training_case, run_training_case, step_mismatches, worst_step_error)
 
 CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
@@ -24,36 +25,51 @@ CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
 
 def check(backend, case):
     """Two backend steps; they must match the oracle's trajectory or an alternative one
-    (each resolution of its near-ties, then the one through the backend's own).
+    (each resolution of its near-ties; then, as in ``samenet parity``, only for a miss that is
+    not fp32-bound, the one through the backend's own).
 
     A miss in the weights alone, within FP32_FACTOR of numpy's own float32 error, is an xfail
     (``fp32-bound``, see harness.conformance): reported with its figures, not passed.
     """
     start, losses, weights = run_training_case(backend, case)
     failures, seen = [], []
-    for j, (want_losses, want_steps) in enumerate(case.trajectories((start, weights))):
-        seen.append(want_steps)
-        problem = None
+
+    def problem_with(want_losses, want_steps):
         before_got, before_want = start, case.weights
         for k, (got_loss, loss, got, want) in enumerate(zip(losses, want_losses, weights, want_steps), start=1):
             if got_loss != pytest.approx(loss, rel=LOSS_RTOL):
-                problem = f"step {k} loss {got_loss} != {loss}"
-                break
+                return f"step {k} loss {got_loss} != {loss}"
             bad = step_mismatches(before_got, got, before_want, want)
             if bad:
-                problem = (f"step {k}: {len(bad)} parameters off, worst {bad[:3]} "
-                           "(name, max abs err, weight err/tol, update err/tol)")
-                break
+                return (f"step {k}: {len(bad)} parameters off, worst {bad[:3]} "
+                        "(name, max abs err, weight err/tol, update err/tol)")
             before_got, before_want = got, want
+        return None
+
+    for j, (want_losses, want_steps) in enumerate(case.trajectories()):
+        seen.append(want_steps)
+        problem = problem_with(want_losses, want_steps)
         if problem is None:
             return
         failures.append(("oracle" if j == 0 else f"trajectory {j}") + ": " + problem)
     ties = f" ({case.near_ties} max-pool near-ties resolved both ways)" if case.near_ties else ""
-    if losses == pytest.approx(case.losses, rel=LOSS_RTOL):
+    # A later step's loss comes from weights that carry float32 error: excused like them, when
+    # numpy's own float32 steps miss it too (as in samenet parity; the first step's never is).
+    later_loss = min(max((abs(g - w) / abs(w) for g, w in zip(losses[1:], wants[1:])), default=0.0)
+                     for wants, _ in case.trajectories())
+    if losses[0] == pytest.approx(case.losses[0], rel=LOSS_RTOL) and (
+            later_loss <= LOSS_RTOL or later_loss <= FP32_FACTOR * fp32_loss_floor(case)):
         ratio, where = min(worst_step_error(start, weights, case.weights, steps) for steps in seen)
         reason = fp32_bound_reason(ratio, where, *fp32_floor(case))
         if reason:
-            pytest.xfail("fp32-bound: " + reason)
+            pytest.xfail("fp32-bound: " + reason + (f"; later loss off by {later_loss:.1e}" if later_loss > LOSS_RTOL
+                                                    else ""))
+    for j, (want_losses, want_steps) in enumerate(case.trajectories((start, weights))):
+        if j >= len(seen):  # the fitted trajectory, when it differs from the enumerated ones
+            problem = problem_with(want_losses, want_steps)
+            if problem is None:
+                return
+            failures.append(f"fitted trajectory ({sum(map(len, case.fitted))} flips): {problem}")
     pytest.fail("; ".join(failures[:2]) + ties)
 
 

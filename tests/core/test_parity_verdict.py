@@ -28,3 +28,14 @@ def test_float32_floor_never_excuses_a_wrong_loss_forward_or_parameter_count():
     excused = {"train_worst_ratio": 1.5, "fp32_floor_ratio": 5.0}
     for broken in ({"loss_rel_diff": LOSS_RTOL * 10}, {"fwd_worst_ratio": 1.5}, {"params_ok": False}):
         assert verdict({**BASE, **excused, **broken})[0] == "mismatch", broken
+
+
+def test_later_loss_is_excused_only_within_numpys_own_float32_loss_error():
+    weights = {"train_worst_ratio": 6000.0, "train_worst_param": "bn.running_mean", "fp32_floor_ratio": 13000.0}
+    later = {"loss_rel_diff": 1.5e-3, "loss1_rel_diff": LOSS_RTOL / 10}
+    status, reason = verdict({**BASE, **weights, **later, "fp32_loss_floor": 1e-3})
+    assert status == "fp32-bound" and "step-2 loss off by 1.5e-03" in reason and "1.0e-03" in reason
+    assert verdict({**BASE, **weights, **later, "fp32_loss_floor": 1e-4})[0] == "mismatch"  # beyond 2x numpy's
+    assert verdict({**BASE, **weights, **later})[0] == "mismatch"  # no float32 loss measured
+    first_step_wrong = {**later, "loss1_rel_diff": LOSS_RTOL * 10}
+    assert verdict({**BASE, **weights, **first_step_wrong, "fp32_loss_floor": 1e-2})[0] == "mismatch"
