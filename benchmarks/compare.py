@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     cell = Cell(backend=args.backend, model=args.model, mode=args.mode, batch=args.batch, input=shape,
                 exec_mode=args.exec_mode, options=options, threads=args.threads, warmup=args.warmup, iters=args.iters)
     python = args.python or python_for(args.backend)
+    python = os.path.abspath(python) if os.sep in python else python  # the processes run in scratch folders
     harness_medians, impl_medians = [], []
     for r in range(args.rounds):
         for side in ("harness", "impl"):

@@ -82,7 +82,9 @@ def run_cell(cell: Cell, python: str, timeout: float) -> dict:
         with open(log, "wb") as logf:
             # The cell runs in a scratch folder so frameworks that litter the working
             # directory (MindSpore's rank_0/, kernel_meta/) leave the user's folder clean.
-            proc = subprocess.Popen([python, "-m", "harness.cell", str(config), str(out)], env=env, cwd=tmp,
+            # An interpreter given as a relative path (.tox/x/bin/python) must not resolve in tmp.
+            interpreter = os.path.abspath(python) if os.sep in python else python
+            proc = subprocess.Popen([interpreter, "-m", "harness.cell", str(config), str(out)], env=env, cwd=tmp,
                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 code = proc.wait(timeout=timeout)
