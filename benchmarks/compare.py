@@ -74,6 +74,8 @@ def main(argv=None) -> int:
                 exec_mode=args.exec_mode, options=options, threads=args.threads, warmup=args.warmup, iters=args.iters)
     python = args.python or python_for(args.backend)
     python = os.path.abspath(python) if os.sep in python else python  # the processes run in scratch folders
+    if os.sep in python and not os.access(python, os.X_OK):
+        p.error(f"--python: {python}: no such interpreter")
     harness_medians, impl_medians = [], []
     for r in range(args.rounds):
         for side in ("harness", "impl"):
