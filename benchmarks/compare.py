@@ -72,8 +72,7 @@ def main(argv=None) -> int:
     shape = tuple(int(d) for d in args.input.split("x")) if args.input else None
     cell = Cell(backend=args.backend, model=args.model, mode=args.mode, batch=args.batch, input=shape,
                 exec_mode=args.exec_mode, options=options, threads=args.threads, warmup=args.warmup, iters=args.iters)
-    python = args.python or python_for(args.backend)
-    python = os.path.abspath(python) if os.sep in python else python  # the processes run in scratch folders
+    python = python_for(args.backend, {args.backend: args.python} if args.python else None)
     if os.sep in python and not os.access(python, os.X_OK):
         p.error(f"--python: {python}: no such interpreter")
     harness_medians, impl_medians = [], []

@@ -30,7 +30,6 @@ Each (backend, model) is one row: ``pass``, ``fp32-bound``, ``mismatch`` (with t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
@@ -228,8 +227,7 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
             (out / "config.json").write_text(json.dumps(config))
             log = out / "child.log"
             with open(log, "w") as log_file:
-                interpreter = os.path.abspath(python) if os.sep in python else python  # cwd is tmp
-                proc = subprocess.Popen([interpreter, "-m", "harness.parity", str(out / "config.json"), str(out)], env=env,
+                proc = subprocess.Popen([python, "-m", "harness.parity", str(out / "config.json"), str(out)], env=env,
                                         cwd=tmp, stdout=log_file, stderr=subprocess.STDOUT, text=True)
                 deadline = time.monotonic() + timeout
                 while proc.poll() is None and time.monotonic() < deadline:

@@ -38,11 +38,9 @@ def python_for(backend: str, overrides: dict[str, str] | None = None) -> str:
     Order: ``--python NAME=PATH``, ``SAMENET_PYTHON_<NAME>``, this interpreter if the
     framework is installed here, the tox env ``.tox/<NAME>/bin/python``.
     """
-    if overrides and backend in overrides:
-        return overrides[backend]
-    env = os.environ.get(f"SAMENET_PYTHON_{backend.upper()}")
-    if env:
-        return env
+    given = (overrides or {}).get(backend) or os.environ.get(f"SAMENET_PYTHON_{backend.upper()}")
+    if given:  # children start in scratch folders: a relative path (.tox/x/bin/python) must not move
+        return os.path.abspath(given) if os.sep in given else given
     if registry.get(backend).available():
         return sys.executable
     tox = ROOT / ".tox" / backend / "bin" / "python"
@@ -82,9 +80,7 @@ def run_cell(cell: Cell, python: str, timeout: float) -> dict:
         with open(log, "wb") as logf:
             # The cell runs in a scratch folder so frameworks that litter the working
             # directory (MindSpore's rank_0/, kernel_meta/) leave the user's folder clean.
-            # An interpreter given as a relative path (.tox/x/bin/python) must not resolve in tmp.
-            interpreter = os.path.abspath(python) if os.sep in python else python
-            proc = subprocess.Popen([interpreter, "-m", "harness.cell", str(config), str(out)], env=env, cwd=tmp,
+            proc = subprocess.Popen([python, "-m", "harness.cell", str(config), str(out)], env=env, cwd=tmp,
                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 code = proc.wait(timeout=timeout)
