@@ -184,6 +184,7 @@ class KerasTFBackend(Backend):
     options = {"layout": ("channels_last", "channels_first")}
     known_gaps: dict[str, str] = {}
     bn_variance = "unbiased"
+    verifies_fp64 = True
     DISTRIBUTIONS = ("tensorflow-cpu", "tensorflow", "tensorflow-intel", "tensorflow-macos", "tf-nightly",
                      "tf-nightly-cpu")
 

@@ -55,8 +55,10 @@ keras = None
 ops = None
 _GENERIC: Any = None  # namespace of the generic layer classes, defined once keras is imported
 
-POLICIES = {"fp32": "float32", "tf32": "float32", "amp-bf16": "mixed_bfloat16", "amp-fp16": "mixed_float16"}
-"""Keras dtype policy per precision. (Verification scripts may map fp32 to "float64".)"""
+POLICIES = {"fp32": "float32", "tf32": "float32", "amp-bf16": "mixed_bfloat16", "amp-fp16": "mixed_float16",
+            "fp64": "float64"}
+"""Keras dtype policy per precision; fp64 (harness.backend.VERIFY_PRECISION) where a backend
+``verifies_fp64``: the tf backend (JAX computes float64 only with x64 enabled)."""
 
 
 def import_keras(keras_backend: str, label: str):

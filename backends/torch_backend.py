@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backend import Backend, BuildConfig, split_device
+from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device
 from harness.errors import UnsupportedError
 from harness.ops import avgpool_divisor
 
@@ -364,6 +364,7 @@ class TorchBackend(Backend):
     exec_modes = ("eager", "compile")
     options = {"memory_format": ("contiguous", "channels_last")}
     known_gaps: dict[str, str] = {}
+    verifies_fp64 = True
 
     def import_framework(self) -> None:
         _import()
@@ -410,9 +411,19 @@ class TorchBackend(Backend):
         if prec == "amp-fp16" and kind == "cpu":
             raise UnsupportedError("torch backend: fp16 autocast is a GPU mode; use amp-bf16 on the CPU")
         self.autocast_dtype = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(prec)
+        self.dtype = torch.float64 if prec == VERIFY_PRECISION else torch.float32
         self.memory_format = (torch.channels_last if config.options.get("memory_format") == "channels_last"
                               else torch.contiguous_format)
-        self.module = _graph_module_class()(ir).to(self.device)
+        # Made on the device in the dtype: Module.to() would replace BN's running-stat buffers
+        # with new tensors, leaving the canonical map (set/get_weights) on stale copies.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                module = _graph_module_class()(ir)
+        finally:
+            torch.set_default_dtype(previous)
+        self.module = module.to(self.device, self.dtype)  # constants made from numpy (pool divisors) follow
         if self.memory_format is torch.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.model = torch.compile(self.module) if config.exec_mode == "compile" else self.module
@@ -449,7 +460,7 @@ class TorchBackend(Backend):
     # steps -------------------------------------------------------------------
 
     def _input(self, x):
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device, self.dtype)
         return t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t
 
     def _autocast(self):
@@ -474,9 +485,9 @@ class TorchBackend(Backend):
 
     def loss(self, out, y):
         outs = out if isinstance(out, tuple) else (out,)
-        loss = F.cross_entropy(outs[0].float(), y)
+        loss = F.cross_entropy(outs[0].to(self.dtype), y)
         for o, (_, w) in zip(outs[1:], self.module.aux):
-            loss = loss + w * F.cross_entropy(o.float(), y)
+            loss = loss + w * F.cross_entropy(o.to(self.dtype), y)
         return loss
 
     def train_step(self, batch):

@@ -34,6 +34,10 @@ from .errors import UnsupportedError, UsageError
 PRECISIONS = ("fp32", "tf32", "amp-bf16", "amp-fp16")
 """fp32: true fp32 (TF32 off); tf32: TF32 matmuls/convs allowed (GPU); amp-*: autocast mixed precision."""
 
+VERIFY_PRECISION = "fp64"
+"""float64 throughout, for verification only (``Backend.verifies_fp64``): parity's proof that a
+float32 miss is rounding, as the same build in float64 then matches the float64 oracle."""
+
 DEVICE_KINDS = ("cpu", "cuda", "ascend")
 
 
@@ -82,6 +86,7 @@ class Backend(abc.ABC):
             matching a pattern are expected to fail (strict xfail) and reported with it.
         bn_variance: How the framework updates BN running variance: ``unbiased`` (PyTorch,
             the IR's convention) or ``biased`` (Keras); parity checks convert the latter.
+        verifies_fp64: Builds in float64 (VERIFY_PRECISION) for parity's rounding proof.
         reference: The framework-free numpy executor: measured only when named, never as
             part of ``--backends all`` (it trains a ResNet in minutes per step).
     """
@@ -93,6 +98,7 @@ class Backend(abc.ABC):
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
     known_gaps: ClassVar[dict[str, str]] = {}
     bn_variance: ClassVar[str] = "unbiased"
+    verifies_fp64: ClassVar[bool] = False
     reference: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ no framework needed
@@ -146,7 +152,9 @@ class Backend(abc.ABC):
             options[key] = value
         for key, values in cls.options.items():
             options.setdefault(key, values[0])
-        if config.precision not in PRECISIONS:
+        if config.precision == VERIFY_PRECISION and not cls.verifies_fp64:
+            raise UnsupportedError(f"backend {cls.name}: no {VERIFY_PRECISION} verification build")
+        if config.precision not in PRECISIONS + (VERIFY_PRECISION,):
             raise UsageError(f"unknown precision '{config.precision}' (known: {', '.join(PRECISIONS)})")
         return BuildConfig(config.device, config.precision, mode, options, config.optimizer)
 

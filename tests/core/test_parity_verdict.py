@@ -39,3 +39,23 @@ def test_later_loss_is_excused_only_within_numpys_own_float32_loss_error():
     assert verdict({**BASE, **weights, **later})[0] == "mismatch"  # no float32 loss measured
     first_step_wrong = {**later, "loss1_rel_diff": LOSS_RTOL * 10}
     assert verdict({**BASE, **weights, **first_step_wrong, "fp32_loss_floor": 1e-2})[0] == "mismatch"
+
+
+def test_a_float64_build_that_matches_the_oracle_makes_a_float32_miss_fp32_bound():
+    miss = {"train_worst_ratio": 2.9, "train_worst_param": "conv1.weight", "fp32_floor_ratio": 0.1,
+            "loss1_rel_diff": LOSS_RTOL / 10}
+    status, reason = verdict({**miss, **BASE, "fp64_worst_ratio": 0.0, "fp64_loss_rel_diff": 1e-16})
+    assert status == "fp32-bound" and status in ACCEPTED
+    assert "2.9x" in reason and "conv1.weight" in reason and "float64 matches the oracle (0.00x" in reason
+    later_loss = {**BASE, "loss_rel_diff": 2.6e-3}  # a later loss too: float64 proves the whole run
+    assert verdict({**miss, **later_loss, "fp64_worst_ratio": 0.0, "fp64_loss_rel_diff": 1e-16})[0] == "fp32-bound"
+
+
+def test_float64_proof_must_itself_pass_and_never_excuses_forward_parameters_or_first_loss():
+    miss = {**BASE, "train_worst_ratio": 2.9, "train_worst_param": "w", "fp32_floor_ratio": 0.1,
+            "loss1_rel_diff": LOSS_RTOL / 10}
+    good64 = {"fp64_worst_ratio": 0.0, "fp64_loss_rel_diff": 1e-16}
+    assert verdict({**miss, "fp64_worst_ratio": 1.5, "fp64_loss_rel_diff": 1e-16})[0] == "mismatch"
+    assert verdict({**miss, "fp64_worst_ratio": 0.0, "fp64_loss_rel_diff": LOSS_RTOL * 10})[0] == "mismatch"
+    for broken in ({"fwd_worst_ratio": 1.5}, {"params_ok": False}, {"loss1_rel_diff": LOSS_RTOL * 10}):
+        assert verdict({**miss, **good64, **broken})[0] == "mismatch", broken
