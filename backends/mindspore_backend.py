@@ -15,8 +15,9 @@ How the IR becomes a MindSpore model:
 
 Conventions handled here (see harness/ops.py for the canonical ones):
     * Layouts are MindSpore's own (Conv2d OIHW, Dense (out, in)): weights load as they are.
-    * Conv2d: pad_mode="pad" with padding=(top, bottom, left, right), MindSpore's order
-      (checked against the reference with asymmetric pads).
+    * Conv2d: pad_mode="valid" or "same" where those give the IR's pads exactly (faster to
+      dispatch in PyNative), else "pad" with padding=(top, bottom, left, right), MindSpore's
+      order (checked against the reference with asymmetric pads).
     * Pooling: explicit pads (-inf for max, 0 for average) of the IR's pads plus any
       ceil-mode overhang, then the native VALID pooling, so the output is the IR's size.
       Max pools concatenate their -inf pads, except in training where
