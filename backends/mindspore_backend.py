@@ -59,7 +59,7 @@ import numpy as np
 
 from harness.backend import Backend, BuildConfig, split_device
 from harness.errors import UnsupportedError
-from harness.ops import adaptive_pool_matrix, avgpool_divisor
+from harness.ops import adaptive_pool_matrix, avgpool_divisor, resolve_pads
 
 ms = None
 nn = None
@@ -353,12 +353,6 @@ def _cell_adaptive(node, in_shapes):
     return _Adaptive(mh, mwt)
 
 
-def _same_pads(size, kernel, stride, dilation):
-    """TF's SAME pads (before, after) of one spatial axis: the larger half after."""
-    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
 def _conv_padding(a, in_shape):
     """nn.Conv2d's pad_mode and padding for the IR's pads (t, b, l, r).
 
@@ -369,8 +363,7 @@ def _conv_padding(a, in_shape):
     pads = tuple(a["pad"])
     if not any(pads):
         return "valid", 0
-    (kh, kw), (sh, sw), (dh, dw) = a["kernel"], a["stride"], a["dilation"]
-    if _same_pads(in_shape[1], kh, sh, dh) + _same_pads(in_shape[2], kw, sw, dw) == pads:
+    if resolve_pads("same", in_shape[1:], a["kernel"], a["stride"], a["dilation"]) == pads:
         return "same", 0
     return "pad", pads
 
