@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backend import Backend, BuildConfig, split_device
+from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device
 from harness.errors import UnsupportedError
 from harness.ops import avgpool_divisor
 
@@ -193,7 +193,7 @@ def _define_layers():
             ho = (H + t + b + extra_h - kh) // sh + 1
             wo = (W + l + r + extra_w - kw) // sw + 1
             self.cut = None if (ho, wo) == self.out_hw else self.out_hw
-            div = avgpool_divisor(in_hw, a, out_hw).astype(np.float32)
+            div = avgpool_divisor(in_hw, a, out_hw).astype(paddle.get_default_dtype())
             self.register_buffer("divisor", paddle.to_tensor(div), persistable=False)
 
         def forward(self, x):
@@ -438,6 +438,7 @@ class PaddleBackend(Backend):
     options: dict[str, tuple[str, ...]] = {}
     known_gaps: dict[str, str] = {}
     bn_variance = "biased"
+    verifies_fp64 = True
 
     # ------------------------------------------------------------------ no framework needed
 
@@ -511,7 +512,8 @@ class PaddleBackend(Backend):
         else:
             self.place = "cpu"
         prec = config.precision
-        if kind == "cpu" and prec != "fp32":
+        self.np_dtype = np.float64 if prec == VERIFY_PRECISION else np.float32
+        if kind == "cpu" and prec not in ("fp32", VERIFY_PRECISION):
             raise UnsupportedError(f"paddle backend: precision {prec} is supported on CUDA only")
         if kind == "cuda":
             # Paddle allows TF32 by default on Ampere+; fp32 means true fp32
@@ -523,7 +525,12 @@ class PaddleBackend(Backend):
         self.config = config
         self.ir = ir
         self.exec_mode = config.exec_mode or self.exec_modes[0]
-        self.module = _graph_layer_class()(ir)
+        previous = paddle.get_default_dtype()
+        paddle.set_default_dtype(np.dtype(self.np_dtype).name)  # parameters and buffers
+        try:
+            self.module = _graph_layer_class()(ir)
+        finally:
+            paddle.set_default_dtype(previous)
         self._train = None
         self._onednn_flags = _known_flags(ONEDNN_FLAGS)
         self.model = self._convert() if self.exec_mode == "static" else self.module
@@ -546,7 +553,7 @@ class PaddleBackend(Backend):
     def set_weights(self, weights) -> None:
         with paddle.no_grad():
             for name, (tensor, transposed) in self.module.canonical.items():
-                w = np.asarray(weights[name], dtype=np.float32)
+                w = np.asarray(weights[name], dtype=self.np_dtype)
                 tensor.set_value(np.ascontiguousarray(w.T if transposed else w))
 
     def get_weights(self):
@@ -571,7 +578,7 @@ class PaddleBackend(Backend):
         for name, layer in layers:
             m = masks.get(name) if masks else None
             if m is not None:
-                m = np.asarray(m, np.float32)
+                m = np.asarray(m, self.np_dtype)
                 if isinstance(layer, _DropPath):
                     m = m.reshape((m.shape[0],) + (1,) * len(self.ir.node(name).shape))
                 m = paddle.to_tensor(m, place=self.place)
@@ -582,7 +589,7 @@ class PaddleBackend(Backend):
     # steps -------------------------------------------------------------------
 
     def _input(self, x):
-        return paddle.to_tensor(np.ascontiguousarray(x, dtype=np.float32), place=self.place)
+        return paddle.to_tensor(np.ascontiguousarray(x, dtype=self.np_dtype), place=self.place)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -638,7 +645,7 @@ class PaddleBackend(Backend):
         107). The shift by the (constant) max keeps a small loss exact, as PyTorch's
         log_softmax does; logsumexp(z) - z_y would lose it to cancellation.
         """
-        z = logits.astype("float32")
+        z = logits if logits.dtype == paddle.float64 else logits.astype("float32")  # float64: verification
         s = z - z.max(axis=1, keepdim=True).detach()
         return (paddle.logsumexp(s, axis=1) - paddle.take_along_axis(s, y_col, axis=1).squeeze(1)).mean()
 

