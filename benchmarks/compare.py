@@ -1,8 +1,8 @@
 """A/B benchmark: the harness's runner cell against a hand-written implementation.
 
 Both sides run in fresh processes with the same core budget and CPU settings (the runner's
-child environment), alternating A, B, A, B... for ``--rounds`` rounds so that drift of the
-machine hits both. The figure is the ratio of the medians of the per-process median step
+child environment), in ABBA order (A, B, then B, A, ...) for ``--rounds`` rounds so that drift
+of the machine hits both and neither side always goes first. The figure is the ratio of the medians of the per-process median step
 times (harness / hand-written), with the per-process medians listed so the spread shows.
 
     python benchmarks/compare.py --backend torch --impl torch_resnet50 --model resnet50 \\
@@ -77,7 +77,9 @@ def main(argv=None) -> int:
         p.error(f"--python: {python}: no such interpreter")
     harness_medians, impl_medians = [], []
     for r in range(args.rounds):
-        for side in ("harness", "impl"):
+        # ABBA: each side goes first in every other round, so drift within a round (the VM's
+        # load, caches, clocks) cancels instead of always falling on the same side.
+        for side in ("harness", "impl") if r % 2 == 0 else ("impl", "harness"):
             if side == "harness":
                 row = run_cell(cell, python, args.timeout)
                 if row["status"] != "ok":
