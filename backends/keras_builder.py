@@ -179,7 +179,7 @@ def generic_layers() -> Namespace:
 
         def __init__(self, mh, mw, channels_last, **kwargs):
             super().__init__(**kwargs)
-            self.mh, self.mw = mh.astype(np.float32), mw.astype(np.float32)
+            self.mh, self.mw = mh, mw  # float64 numpy, cast to the activation's dtype in call
             self.eq = "nhwc,ih,jw->nijc" if channels_last else "nchw,ih,jw->ncij"
 
         def call(self, x):
@@ -367,7 +367,7 @@ def _pool(node, xs, shapes, ctx: _Ctx, kind: str):
             tf_same = avgpool_divisor((H, W), {**a, "pad": eff, "count_include_pad": False}, (Ho, Wo))
             same_ok = np.array_equal(tf_same, div)
         if not same_ok and not np.all(div == kh * kw):
-            factor = ctx.native_hw((kh * kw / div).astype(np.float32))
+            factor = ctx.native_hw(kh * kw / div)  # float64 numpy, cast to the activation's dtype
     x = xs[0]
     if same_ok and eff != (0, 0, 0, 0):
         padding = "SAME"

@@ -14,7 +14,8 @@ PyTorch.
     * Exec mode ``eager`` only: Keras' torch backend runs op by op (its jit_compile is
       torch.compile, which compiles for minutes per net on 2 CPU cores).
     * Precision: fp32; amp-bf16 is Keras' mixed_bfloat16 policy; tf32 on CUDA only; fp16
-      mixed precision would need loss scaling, which this backend does not implement.
+      mixed precision would need loss scaling, which this backend does not implement. fp64
+      (the float64 policy, verification only) for parity's rounding proof.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from backends import keras_builder
 from backends.keras_builder import GenericKerasBackend
-from harness.backend import BuildConfig
+from harness.backend import VERIFY_PRECISION, BuildConfig
 from harness.errors import UnsupportedError
 
 torch = None
@@ -46,12 +47,33 @@ def _import():
     torch, F = _torch, _F
 
 
+def _keras_promotes_float64(keep: bool) -> None:
+    """Whether Keras' type promotion keeps float64 (verification builds) or makes it float32.
+
+    Keras 3 maps a float64 result to float32 on every framework but TF, as JAX does without
+    x64 (keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE): ops.matmul of two float64
+    tensors computes in float32 (measured: Dense 4e-7 off a float64 product, BatchNormalization
+    5e-7), so a float64 policy alone leaves float32 in the forward pass. The table is read at
+    each call; only its float64 entry is switched, back to float32 by any other build.
+    """
+    from keras.src.backend.common import dtypes
+
+    table = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
+    if not isinstance(table, dict) or "float64" not in table:
+        if keep:
+            raise UnsupportedError(f"keras-torch backend: Keras {keras.__version__} has no float64 promotion "
+                                   "table to switch; no float64 verification build")
+        return
+    table["float64"] = "float64" if keep else "float32"
+
+
 class KerasTorchBackend(GenericKerasBackend):
     """Keras 3 on PyTorch, eager (Keras' torch backend), PyTorch's autograd and SGD."""
 
     name = "keras-torch"
     keras_backend = "torch"
     exec_modes = ("eager",)
+    verifies_fp64 = True
 
     def import_framework(self) -> None:
         _import()
@@ -90,6 +112,8 @@ class KerasTorchBackend(GenericKerasBackend):
         self.device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
         self.keras_device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self.config, self.ir = config, ir
+        self.input_dtype = np.float64 if prec == VERIFY_PRECISION else np.float32
+        _keras_promotes_float64(prec == VERIFY_PRECISION)
         # same_avgpool=False: Keras 3.15's torch backend pads asymmetric "same" pooling with
         # mode "replicate", right for max pooling but counting copied edge values in an
         # average (TF and JAX exclude the pads): explicit zero pads and a divisor map instead.
@@ -110,7 +134,7 @@ class KerasTorchBackend(GenericKerasBackend):
     # steps -------------------------------------------------------------------
 
     def _input(self, x):
-        return torch.from_numpy(self.model.to_native(np.asarray(x, dtype=np.float32))).to(self.device)
+        return torch.from_numpy(self.model.to_native(np.asarray(x, dtype=self.input_dtype))).to(self.device)
 
     def forward(self, x, train=False):
         with torch.no_grad(), keras.device(self.keras_device):
@@ -126,10 +150,15 @@ class KerasTorchBackend(GenericKerasBackend):
             return self.model.eval_model(batch[0], training=False)
 
     def _loss(self, outs, y):
-        loss = F.cross_entropy(outs[0].float(), y)
+        loss = F.cross_entropy(self._logits(outs[0]), y)
         for o, w in zip(outs[1:], self.model.aux_weights):
-            loss = loss + w * F.cross_entropy(o.float(), y)
+            loss = loss + w * F.cross_entropy(self._logits(o), y)
         return loss
+
+    @staticmethod
+    def _logits(out):
+        """Mixed-precision logits in float32; float64 (verification builds) kept."""
+        return out if out.dtype == torch.float64 else out.float()
 
     def train_step(self, batch):
         x, y = batch

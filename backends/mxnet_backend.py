@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backend import Backend, BuildConfig, split_device
+from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device
 from harness.errors import UnsupportedError
 from harness.ops import TRAIN_ONLY_OPS, avgpool_divisor
 
@@ -197,7 +197,7 @@ def _pool(kind):
         consts = {}
         divide = kind == "avg" and not native_avg
         if divide:
-            div = avgpool_divisor((H, W), a, (Ho, Wo)).astype(np.float32)
+            div = avgpool_divisor((H, W), a, (Ho, Wo))  # cast to the build dtype with the other constants
             consts["divisor"] = div.reshape(1, 1, Ho, Wo)
         pad_value = -np.inf if kind == "max" else 0.0
 
@@ -367,7 +367,7 @@ class _Program:
         mask_nodes: Indices of dropout / drop_path nodes (train graph inputs when masks are fixed).
     """
 
-    def __init__(self, ir, ctx):
+    def __init__(self, ir, ctx, dtype: str = "float32"):
         gluon = mx.gluon
         self.ir = ir
         self.pdict = gluon.ParameterDict(prefix="samenet_")
@@ -396,7 +396,7 @@ class _Program:
             for full in n.params:
                 p = ir.params[full]
                 key = key_for(full)
-                param = self.pdict.get(key, shape=tuple(p.shape), dtype="float32", init=mx.init.Zero(),
+                param = self.pdict.get(key, shape=tuple(p.shape), dtype=dtype, init=mx.init.Zero(),
                                        grad_req="write" if p.trainable else "null",
                                        differentiable=p.trainable, allow_deferred_init=False)
                 self.params[full] = param
@@ -404,7 +404,7 @@ class _Program:
                 node.params[p.local] = key
             for local, value in consts.items():
                 key = key_for(f"{n.name}.{local}")
-                self.pdict.get_constant(key, mx.nd.array(value, dtype="float32"))
+                self.pdict.get_constant(key, mx.nd.array(value, dtype=dtype))
                 node.consts[local] = key
             self.nodes.append(node)
         self.pdict.initialize(ctx=ctx)
@@ -495,6 +495,7 @@ class MXNetBackend(Backend):
     distribution = "mxnet"
     exec_modes = ("imperative", "hybridized")
     known_gaps: dict[str, str] = {}
+    verifies_fp64 = True
     bn_variance = "biased"  # CPU (and GPU without cuDNN); cuDNN's BN is unbiased (module docs)
 
     @classmethod
@@ -560,8 +561,9 @@ class MXNetBackend(Backend):
         else:
             self.ctx = mx.cpu()
         prec = config.precision
-        if prec != "fp32" and not (prec == "tf32" and kind == "cuda"):
+        if prec not in ("fp32", VERIFY_PRECISION) and not (prec == "tf32" and kind == "cuda"):
             raise UnsupportedError(f"mxnet backend: precision {prec} not implemented (fp32 only; tf32 on GPU)")
+        self.dtype = "float64" if prec == VERIFY_PRECISION else "float32"
         if kind == "cuda" and prec == "fp32":
             # cuDNN/cuBLAS use TF32 on Ampere+ unless told not to; MXNet has no switch of its own
             os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
@@ -569,7 +571,7 @@ class MXNetBackend(Backend):
         self.ir = ir
         config = self.resolve_config(config)
         self.hybridized = config.exec_mode == "hybridized"
-        self.program = _Program(ir, self.ctx)
+        self.program = _Program(ir, self.ctx, self.dtype)
         self.eval_net = _Graph(self.program, train=False)
         self.train_net = _Graph(self.program, train=True)
         if self.hybridized:
@@ -591,8 +593,8 @@ class MXNetBackend(Backend):
 
     def set_weights(self, weights) -> None:
         for name, param in self.program.params.items():
-            param.set_data(mx.nd.array(np.ascontiguousarray(weights[name], dtype=np.float32), ctx=self.ctx,
-                                       dtype="float32"))
+            param.set_data(mx.nd.array(np.ascontiguousarray(weights[name], dtype=self.dtype), ctx=self.ctx,
+                                       dtype=self.dtype))
 
     def get_weights(self):
         return {name: p.data(self.ctx).asnumpy().astype(np.float32, copy=True)
@@ -613,31 +615,31 @@ class MXNetBackend(Backend):
                 rate = nd.attrs["rate"]
                 if not rate:
                     continue
-                m = np.asarray(masks[nd.name], dtype=np.float32) / np.float32(1.0 - rate)
+                m = np.asarray(masks[nd.name], dtype=self.dtype) / np.dtype(self.dtype).type(1.0 - rate)
                 if nd.op == "drop_path":
                     m = m.reshape((-1,) + (1,) * len(nd.shape))
-                self.masks.append(mx.nd.array(m, ctx=self.ctx, dtype="float32"))
+                self.masks.append(mx.nd.array(m, ctx=self.ctx, dtype=self.dtype))
                 order.append(nd.index)
         self.train_net.set_mask_order(order)
 
     # steps -----------------------------------------------------------------------
 
     def _x(self, x):
-        return mx.nd.array(np.ascontiguousarray(x, dtype=np.float32), ctx=self.ctx, dtype="float32")
+        return mx.nd.array(np.ascontiguousarray(x, dtype=self.dtype), ctx=self.ctx, dtype=self.dtype)
 
     def forward(self, x, train=False):
         xa = self._x(x)
         if not train:
             out = [self.eval_net(xa)]
         else:
-            y = mx.nd.zeros((xa.shape[0],), ctx=self.ctx, dtype="float32")
+            y = mx.nd.zeros((xa.shape[0],), ctx=self.ctx, dtype=self.dtype)
             with mx.autograd.train_mode():
                 res = self.train_net(xa, y, *self.masks)
             out = list(res[1:])
         return [o.asnumpy().astype(np.float32, copy=False) for o in out]
 
     def to_device(self, x, y):
-        return self._x(x), mx.nd.array(np.asarray(y), ctx=self.ctx, dtype="float32")
+        return self._x(x), mx.nd.array(np.asarray(y), ctx=self.ctx, dtype=self.dtype)  # pick's indices
 
     def infer_step(self, batch):
         return self.eval_net(batch[0])
