@@ -36,8 +36,15 @@ How this differs from the harness backend and from the spec:
       is decayed, as the backend does (and as the harness contract says). The model repo's
       train.py often leaves BN gamma/beta and biases out of the decay (a few hundred
       thousand fewer element-wise updates: negligible).
-    * BN eps 1e-4 (model repo) instead of the spec's 1e-5; initialisation MindSpore's
-      defaults (no effect on speed).
+    * BN eps 1e-4 (model repo) instead of the spec's 1e-5 (no effect on speed).
+    * Weights: the spec's canonical weights (harness.cell.weights_for, the harness side's), set
+      into this net by structure, so both sides compute on the same numbers. The values can
+      move MindSpore's CPU step time (2026-11-24, one process, this net interleaved with
+      itself: canonical weights 4651 ms against 4424 ms with MindSpore's default
+      initialisers, pair median 1.039; 0.98-1.02 with flush-to-zero and denormals-are-zero
+      set), and a comparison of two ways to build one network must hold the data fixed. In
+      fresh processes the effect was below the VM's noise. ``SAMENET_IMPL_WEIGHTS=native``
+      keeps the default initialisers.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 
 from harness import zoo  # noqa: E402
+from harness.cell import weights_for  # noqa: E402
 from harness.data import synthetic_batch  # noqa: E402
 
 
@@ -123,6 +131,24 @@ def resnet50(class_num=1000):
     return ResNet([3, 4, 6, 3], [64, 256, 512, 1024], [256, 512, 1024, 2048], [1, 2, 2, 2], class_num)
 
 
+_BN_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+
+
+def load_canonical(net, ir, weights) -> None:
+    """Sets the spec's canonical weights into ``net``: layers matched in order (conv, BN and
+    dense prefixes line up one to one with torchvision's), BN names mapped, shapes asserted."""
+    own = list(net.parameters_and_names())
+    own_layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name, _ in own))
+    spec_layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in ir.params))
+    assert len(own_layers) == len(spec_layers), (len(own_layers), len(spec_layers))
+    layer = dict(zip(own_layers, spec_layers))
+    for name, param in own:
+        prefix, leaf = name.rsplit(".", 1)
+        w = weights[f"{layer[prefix]}.{_BN_NAMES.get(leaf, leaf)}"]
+        assert tuple(param.shape) == w.shape, (name, param.shape, w.shape)
+        param.set_data(ms.Tensor(np.ascontiguousarray(w, dtype=np.float32)))
+
+
 def setup(cell):
     mode = cell.exec_mode or "pynative"
     if mode not in ("pynative", "graph"):
@@ -144,6 +170,8 @@ def setup(cell):
     print(f"mindspore resnet50: {count:,} parameters; spec resnet50: {spec_params:,}", flush=True)
     assert count == spec_params, (count, spec_params)
 
+    if os.environ.get("SAMENET_IMPL_WEIGHTS", "canonical") == "canonical":
+        load_canonical(net, spec_ir, weights_for(spec_ir, cell.seed))
     ir = zoo.load(cell.model, cell.input)
     x, y = synthetic_batch(ir, cell.batch, cell.seed)
     x, y = ms.Tensor(x), ms.Tensor(y.astype(np.int32))
