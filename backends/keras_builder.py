@@ -58,7 +58,7 @@ _GENERIC: Any = None  # namespace of the generic layer classes, defined once ker
 POLICIES = {"fp32": "float32", "tf32": "float32", "amp-bf16": "mixed_bfloat16", "amp-fp16": "mixed_float16",
             "fp64": "float64"}
 """Keras dtype policy per precision; fp64 (harness.backend.VERIFY_PRECISION) where a backend
-``verifies_fp64``: the tf backend (JAX computes float64 only with x64 enabled)."""
+``verifies_fp64``: tf and keras-torch (JAX computes float64 only with x64 enabled)."""
 
 
 def import_keras(keras_backend: str, label: str):
