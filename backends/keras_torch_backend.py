@@ -28,7 +28,7 @@ import numpy as np
 
 from backends import keras_builder
 from backends.keras_builder import GenericKerasBackend
-from harness.backend import VERIFY_PRECISION, BuildConfig
+from harness.backend import VERIFY_PRECISION, BuildConfig, storage_dtype
 from harness.errors import UnsupportedError
 
 torch = None
@@ -112,7 +112,7 @@ class KerasTorchBackend(GenericKerasBackend):
         self.device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
         self.keras_device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self.config, self.ir = config, ir
-        self.input_dtype = np.float64 if prec == VERIFY_PRECISION else np.float32
+        self.input_dtype = np.dtype(storage_dtype(prec)).type
         _keras_promotes_float64(prec == VERIFY_PRECISION)
         # same_avgpool=False: Keras 3.15's torch backend pads asymmetric "same" pooling with
         # mode "replicate", right for max pooling but counting copied edge values in an

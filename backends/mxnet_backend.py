@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device
+from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device, storage_dtype
 from harness.errors import UnsupportedError
 from harness.ops import TRAIN_ONLY_OPS, avgpool_divisor
 
@@ -563,7 +563,7 @@ class MXNetBackend(Backend):
         prec = config.precision
         if prec not in ("fp32", VERIFY_PRECISION) and not (prec == "tf32" and kind == "cuda"):
             raise UnsupportedError(f"mxnet backend: precision {prec} not implemented (fp32 only; tf32 on GPU)")
-        self.dtype = "float64" if prec == VERIFY_PRECISION else "float32"
+        self.dtype = storage_dtype(prec)
         if kind == "cuda" and prec == "fp32":
             # cuDNN/cuBLAS use TF32 on Ampere+ unless told not to; MXNet has no switch of its own
             os.environ["NVIDIA_TF32_OVERRIDE"] = "0"

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device
+from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device, storage_dtype
 from harness.errors import UnsupportedError
 from harness.ops import avgpool_divisor
 
@@ -512,7 +512,7 @@ class PaddleBackend(Backend):
         else:
             self.place = "cpu"
         prec = config.precision
-        self.np_dtype = np.float64 if prec == VERIFY_PRECISION else np.float32
+        self.np_dtype = np.dtype(storage_dtype(prec)).type
         if kind == "cpu" and prec not in ("fp32", VERIFY_PRECISION):
             raise UnsupportedError(f"paddle backend: precision {prec} is supported on CUDA only")
         if kind == "cuda":

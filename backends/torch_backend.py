@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device
+from harness.backend import Backend, BuildConfig, split_device, storage_dtype
 from harness.errors import UnsupportedError
 from harness.ops import avgpool_divisor
 
@@ -411,7 +411,7 @@ class TorchBackend(Backend):
         if prec == "amp-fp16" and kind == "cpu":
             raise UnsupportedError("torch backend: fp16 autocast is a GPU mode; use amp-bf16 on the CPU")
         self.autocast_dtype = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(prec)
-        self.dtype = torch.float64 if prec == VERIFY_PRECISION else torch.float32
+        self.dtype = getattr(torch, storage_dtype(prec))
         self.memory_format = (torch.channels_last if config.options.get("memory_format") == "channels_last"
                               else torch.contiguous_format)
         # Made on the device in the dtype: Module.to() would replace BN's running-stat buffers

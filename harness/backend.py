@@ -38,6 +38,12 @@ VERIFY_PRECISION = "fp64"
 """float64 throughout, for verification only (``Backend.verifies_fp64``): parity's proof that a
 float32 miss is rounding, as the same build in float64 then matches the float64 oracle."""
 
+
+def storage_dtype(precision: str) -> str:
+    """Name of the dtype a build keeps weights and activations in: "float64" for
+    VERIFY_PRECISION, "float32" for every other precision (amp casts inside the step)."""
+    return "float64" if precision == VERIFY_PRECISION else "float32"
+
 DEVICE_KINDS = ("cpu", "cuda", "ascend")
 
 
