@@ -20,8 +20,7 @@ Conventions handled here (see harness/ops.py for the canonical ones):
       order (checked against the reference with asymmetric pads).
     * Pooling: explicit pads (-inf for max, 0 for average) of the IR's pads plus any
       ceil-mode overhang, then the native VALID pooling, so the output is the IR's size.
-      Max pools concatenate their -inf pads, except in training where
-      nn.MaxPool2d(pad_mode="pad") applies (symmetric pads): see _MaxPool for the figures.
+      Max pools concatenate freshly filled -inf borders (no view tensors: see _MaxPool).
       Average pooling then multiplies by kh*kw / divisor (harness.ops.avgpool_divisor)
       where that map is not all ones (count_include_pad=False or ceil overhang).
     * BatchNorm: the ops.BatchNorm primitive that nn.BatchNorm2d uses. The primitive takes
@@ -150,29 +149,27 @@ def _define_cells():
             return self.bn_infer(x, self.weight, self.bias, self.running_mean, self.running_var)[0]
 
     class _MaxPool(nn.Cell):  # noqa: N801
-        """Max pooling with the IR's pads (plus any ceil overhang) as -inf.
+        """Max pooling with the IR's pads (plus any ceil overhang) as -inf, then VALID pooling.
 
-        Two exact paths, picked per mode because MindSpore's CPU kernels rank differently
-        forward and backward (ResNet-50's stem pool, 16x64x112x112, 2 threads):
-        * -inf rows and columns concatenated to the input, then VALID pooling: the fastest
-          forward (67-80 ms against 142-176 ms), so evaluation always takes it, and training
-          where the native pool does not apply;
-        * nn.MaxPool2d(pad_mode="pad"), which pads with -inf itself but only symmetrically and
-          by at most half the kernel: in training wherever it applies, as its backward is the
-          faster one (forward plus backward 226 ms against 447 ms).
+        The -inf borders are filled afresh each call (ops.full) and concatenated to the input,
+        so no tensor in the pool's forward or backward is a view. In PyNative a view input
+        (broadcast_to, or the unsqueeze/squeeze inside nn.MaxPool2d(pad_mode="pad"), which
+        runs MaxPool3DWithArgmax) makes MindSpore copy it to contiguous memory first, and that
+        copy busy-waits on the main thread until the queued kernels finish, taking a core
+        from them (ResNet-50 training, batch 16, 2 threads, 3 fresh processes each: 5152 ms
+        a step with nn.MaxPool2d(pad_mode="pad"), 4757 ms this way, 4525 ms for a hand-written
+        net's SAME pool; main thread 1265-1756 against 967-1235 ms of CPU a step).
         Not ops.Pad plus a -inf border (3.5x the pool itself: MindSpore's CPU Pad kernel), nor
         ops.pad (PadV3), whose backward is wrong in graph mode from the second step on
-        (MindSpore 2.10, CPU).
+        (MindSpore 2.10, CPU), nor ops.MaxPoolWithArgmaxV2 (exact, but 10x the whole step on
+        the CPU), nor ops.MaxPool3D on an expanded input (views again: 5130 ms).
         """
 
         def __init__(self, kernel, stride, pad, in_shape):
             super().__init__()
             l, r, t, b = pad
-            C, H, W = in_shape
+            H, W = in_shape[1:]
             self.use_pad = any(pad)
-            self.native = self.use_pad and t == b and l == r and 2 * t <= kernel[0] and 2 * l <= kernel[1]
-            if self.native:
-                self.native_pool = nn.MaxPool2d(tuple(kernel), tuple(stride), pad_mode="pad", padding=(t, l))
             # Bottom and right pads past the last window are never read (ResNet's stem pool, pad 1
             # on 112: the last window ends on row 111); not concatenating them saves two copies
             # of the map (stem pool forward 116 against 154 ms).
@@ -180,26 +177,22 @@ def _define_cells():
             b = min(b, max((H + t + b - kh) // sh * sh + kh - H - t, 0))
             r = min(r, max((W + l + r - kw) // sw * sw + kw - W - l, 0))
             self.sides = (t, b, l, r)
-            ninf = lambda h, w: Tensor(np.full((1, C, h, w), -np.inf, np.float32))  # noqa: E731
-            self.top, self.bottom = ninf(t, W), ninf(b, W)
-            self.left, self.right = ninf(H + t + b, l), ninf(H + t + b, r)
             self.pool = ops.MaxPool(kernel_size=tuple(kernel), strides=tuple(stride), pad_mode="VALID")
 
-        def construct(self, x, train):
+        def construct(self, x):
             if not self.use_pad:
                 return self.pool(x)
-            if train and self.native:
-                return self.native_pool(x)
             t, b, l, r = self.sides
-            n = x.shape[0]
+            n, c, h, w = x.shape
+            ninf = float("-inf")
             if t:
-                x = ops.concat((ops.broadcast_to(self.top, (n, -1, -1, -1)), x), 2)
+                x = ops.concat((ops.full((n, c, t, w), ninf, dtype=x.dtype), x), 2)
             if b:
-                x = ops.concat((x, ops.broadcast_to(self.bottom, (n, -1, -1, -1))), 2)
+                x = ops.concat((x, ops.full((n, c, b, w), ninf, dtype=x.dtype)), 2)
             if l:
-                x = ops.concat((ops.broadcast_to(self.left, (n, -1, -1, -1)), x), 3)
+                x = ops.concat((ops.full((n, c, h + t + b, l), ninf, dtype=x.dtype), x), 3)
             if r:
-                x = ops.concat((x, ops.broadcast_to(self.right, (n, -1, -1, -1))), 3)
+                x = ops.concat((x, ops.full((n, c, h + t + b, r), ninf, dtype=x.dtype)), 3)
             return self.pool(x)
 
     class _AvgPool(nn.Cell):  # noqa: N801
@@ -465,7 +458,7 @@ def _body(ir, keys, train):
         args = [where[s] for s in n.inputs]
         if n.op in ("dropout", "drop_path") and not train:
             expr = args[0]
-        elif n.op in ("batchnorm", "maxpool2d"):  # cells whose kernels differ by mode
+        elif n.op == "batchnorm":  # batch statistics in training, running ones in evaluation
             expr = f"self.{keys[n.name]}({args[0]}, {train})"
         elif n.name in keys:
             expr = f"self.{keys[n.name]}({args[0]})"
