@@ -20,7 +20,8 @@ Conventions handled here (see harness/ops.py for the canonical ones):
       order (checked against the reference with asymmetric pads).
     * Pooling: explicit pads (-inf for max, 0 for average) of the IR's pads plus any
       ceil-mode overhang, then the native VALID pooling, so the output is the IR's size.
-      Max pools concatenate freshly filled -inf borders (no view tensors: see _MaxPool).
+      Max pools concatenate freshly filled -inf borders (no view tensors: see _MaxPool),
+      except graph-mode training, which keeps nn.MaxPool2d(pad_mode="pad") where it applies.
       Average pooling then multiplies by kh*kw / divisor (harness.ops.avgpool_divisor)
       where that map is not all ones (count_include_pad=False or ceil overhang).
     * BatchNorm: the ops.BatchNorm primitive that nn.BatchNorm2d uses. The primitive takes
@@ -163,13 +164,21 @@ def _define_cells():
         ops.pad (PadV3), whose backward is wrong in graph mode from the second step on
         (MindSpore 2.10, CPU), nor ops.MaxPoolWithArgmaxV2 (exact, but 10x the whole step on
         the CPU), nor ops.MaxPool3D on an expanded input (views again: 5130 ms).
+
+        Graph mode has no such waits, so there training keeps nn.MaxPool2d(pad_mode="pad")
+        wherever it applies (symmetric pads of at most half the kernel): its forward plus
+        backward is the faster one (ResNet-50's stem: 226 against 447 ms; the whole training
+        step 6240 ms with the concatenated pads against 5900 ms for the hand-written net).
         """
 
-        def __init__(self, kernel, stride, pad, in_shape):
+        def __init__(self, kernel, stride, pad, in_shape, graph):
             super().__init__()
             l, r, t, b = pad
             H, W = in_shape[1:]
             self.use_pad = any(pad)
+            self.native = graph and self.use_pad and t == b and l == r and 2 * t <= kernel[0] and 2 * l <= kernel[1]
+            if self.native:
+                self.native_pool = nn.MaxPool2d(tuple(kernel), tuple(stride), pad_mode="pad", padding=(t, l))
             # Bottom and right pads past the last window are never read (ResNet's stem pool, pad 1
             # on 112: the last window ends on row 111); not concatenating them saves two copies
             # of the map (stem pool forward 116 against 154 ms).
@@ -179,9 +188,11 @@ def _define_cells():
             self.sides = (t, b, l, r)
             self.pool = ops.MaxPool(kernel_size=tuple(kernel), strides=tuple(stride), pad_mode="VALID")
 
-        def construct(self, x):
+        def construct(self, x, train):
             if not self.use_pad:
                 return self.pool(x)
+            if train and self.native:
+                return self.native_pool(x)
             t, b, l, r = self.sides
             n, c, h, w = x.shape
             ninf = float("-inf")
@@ -322,11 +333,11 @@ def _pool_geometry(node, in_shape):
     return (l, r + extra_w, t, b + extra_h)
 
 
-def _cell_pool(node, in_shapes, kind):
+def _cell_pool(node, in_shapes, kind, graph=False):
     a = node.attrs
     pad = _pool_geometry(node, in_shapes[0])
     if kind == "max":
-        return _MaxPool(a["kernel"], a["stride"], pad, in_shapes[0])
+        return _MaxPool(a["kernel"], a["stride"], pad, in_shapes[0], graph)
     div = avgpool_divisor(in_shapes[0][1:], a, node.shape[1:])
     factor = a["kernel"][0] * a["kernel"][1] / div
     factor = None if np.all(factor == 1.0) else factor.astype(np.float32)[None, None]
@@ -406,7 +417,7 @@ def _split_expr(a, x, shape_in):
     return f"{x[0]}[:, {a['index'] * step}:{(a['index'] + 1) * step}]"
 
 
-def _make_cell(node, in_shapes):
+def _make_cell(node, in_shapes, graph=False):
     """(cell or None, canonical params) for nodes that need a Cell."""
     op = node.op
     if op == "conv2d":
@@ -417,7 +428,7 @@ def _make_cell(node, in_shapes):
         bn = _BatchNorm(in_shapes[0][0], node.attrs)
         return bn, bn.params
     if op == "maxpool2d":
-        return _cell_pool(node, in_shapes, "max"), {}
+        return _cell_pool(node, in_shapes, "max", graph), {}
     if op == "avgpool2d":
         return _cell_pool(node, in_shapes, "avg"), {}
     if op == "adaptive_avgpool2d":
@@ -458,7 +469,7 @@ def _body(ir, keys, train):
         args = [where[s] for s in n.inputs]
         if n.op in ("dropout", "drop_path") and not train:
             expr = args[0]
-        elif n.op == "batchnorm":  # batch statistics in training, running ones in evaluation
+        elif n.op in ("batchnorm", "maxpool2d"):  # cells whose kernels differ by mode
             expr = f"self.{keys[n.name]}({args[0]}, {train})"
         elif n.name in keys:
             expr = f"self.{keys[n.name]}({args[0]})"
@@ -527,8 +538,9 @@ def _generated_class(ir, keys):
     return getattr(mod, class_name)
 
 
-def _build_net(ir):
-    """The generated Cell with its sub-cells; returns (net, canonical name -> Parameter)."""
+def _build_net(ir, graph=False):
+    """The generated Cell with its sub-cells (``graph``: built for ms.jit, where some kernels differ);
+    returns (net, canonical name -> Parameter, node name -> Cell)."""
     keys: dict[str, str] = {}
     cells: dict[str, Any] = {}
     canonical: dict[str, Any] = {}
@@ -539,7 +551,7 @@ def _build_net(ir):
         if n.op not in CELL_OPS:
             continue
         in_shapes = [ir.node(s).shape for s in n.inputs]
-        cell, params = _make_cell(n, in_shapes)
+        cell, params = _make_cell(n, in_shapes, graph)
         for local, p in params.items():
             canonical[f"{n.name}.{local}"] = p
         if cell is None:
@@ -666,7 +678,7 @@ class MindSporeBackend(Backend):
             raise UnsupportedError("mindspore backend: tf32 exists on CUDA only")
         if kind == "cuda":
             _gpu_tf32(prec == "tf32")
-        self.net, self.canonical, self.cells = _build_net(ir)
+        self.net, self.canonical, self.cells = _build_net(ir, self.graph)
         self.amp = {"amp-bf16": ms.bfloat16, "amp-fp16": ms.float16}.get(prec)
         if self.amp is not None:
             ms.amp.auto_mixed_precision(self.net, "O1", dtype=self.amp)
