@@ -44,6 +44,7 @@ def storage_dtype(precision: str) -> str:
     VERIFY_PRECISION, "float32" for every other precision (amp casts inside the step)."""
     return "float64" if precision == VERIFY_PRECISION else "float32"
 
+
 DEVICE_KINDS = ("cpu", "cuda", "ascend")
 
 
