@@ -163,7 +163,9 @@ def _define_cells():
         Not ops.Pad plus a -inf border (3.5x the pool itself: MindSpore's CPU Pad kernel), nor
         ops.pad (PadV3), whose backward is wrong in graph mode from the second step on
         (MindSpore 2.10, CPU), nor ops.MaxPoolWithArgmaxV2 (exact, but 10x the whole step on
-        the CPU), nor ops.MaxPool3D on an expanded input (views again: 5130 ms).
+        the CPU), nor ops.MaxPool3D on an expanded input (views again: 5130 ms), nor (stem pool,
+        forward plus backward, against 246-272 ms this way) a stride-1 SAME pool then a 1x1
+        stride-2 pool (exact, 864-894 ms) or ops.flip around a SAME pool (550-600 ms).
 
         Graph mode has no such waits, so there training keeps nn.MaxPool2d(pad_mode="pad")
         wherever it applies (symmetric pads of at most half the kernel): its forward plus
