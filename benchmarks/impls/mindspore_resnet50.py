@@ -32,10 +32,10 @@ How this differs from the harness backend and from the spec:
       symmetrically, 1 and 3): the same output sizes and arithmetic, a different function.
       The backend uses pad_mode="pad" with the spec's explicit pads, and -inf padding + VALID
       pooling for max pools, which costs more than the SAME pool in PyNative training
-      (benchmarks/README.md: "the rest of the gap"). ``SAMENET_IMPL_PADS=spec`` writes the spec's pads instead, as MindSpore's API
-      writes them (Conv2d pad_mode="pad", padding=k // 2; MaxPool2d pad_mode="pad",
-      padding=1): the same function as the spec-built net (checked: with the BN eps set to the
-      spec's, the eval logits are identical).
+      (benchmarks/README.md: "the rest of the gap"). ``SAMENET_IMPL_PADS=spec`` writes the
+      spec's pads instead, as MindSpore's API writes them (Conv2d pad_mode="pad",
+      padding=k // 2; MaxPool2d pad_mode="pad", padding=1): the same function as the
+      spec-built net (checked: with the BN eps set to the spec's, the eval logits are identical).
     * Weight decay: one parameter group with the weight decay, so every trainable parameter
       is decayed, as the backend does (and as the harness contract says). The model repo's
       train.py often leaves BN gamma/beta and biases out of the decay (a few hundred
@@ -74,16 +74,13 @@ if PADS not in ("same", "spec"):
     raise SystemExit(f"mindspore_resnet50: SAMENET_IMPL_PADS={PADS!r}: expected 'same' or 'spec'")
 
 
+def _pads(k):
+    """nn.Conv2d / nn.MaxPool2d padding arguments for a k x k window."""
+    return {"pad_mode": "pad", "padding": k // 2} if PADS == "spec" else {"pad_mode": "same"}
+
+
 def _conv(cin, cout, k, stride=1):
-    if PADS == "spec":
-        return nn.Conv2d(cin, cout, kernel_size=k, stride=stride, pad_mode="pad", padding=k // 2, has_bias=False)
-    return nn.Conv2d(cin, cout, kernel_size=k, stride=stride, pad_mode="same", has_bias=False)
-
-
-def _maxpool():
-    if PADS == "spec":
-        return nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
-    return nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
+    return nn.Conv2d(cin, cout, kernel_size=k, stride=stride, has_bias=False, **_pads(k))
 
 
 def _bn(c):
@@ -124,7 +121,7 @@ class ResNet(nn.Cell):
         self.conv1 = _conv(3, 64, 7, 2)
         self.bn1 = _bn(64)
         self.relu = ops.ReLU()
-        self.maxpool = _maxpool()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, **_pads(3))
         self.layer1 = self._make_layer(layer_nums[0], in_channels[0], out_channels[0], strides[0])
         self.layer2 = self._make_layer(layer_nums[1], in_channels[1], out_channels[1], strides[1])
         self.layer3 = self._make_layer(layer_nums[2], in_channels[2], out_channels[2], strides[2])
