@@ -549,8 +549,9 @@ def _fp32_runs(case: TrainingCase) -> dict:
     digest = hashlib.sha256(case.x.tobytes()).hexdigest()[:12]
     path = (cache_dir() / "floor" /
             f"{case.id.split(':')[-1]}-{case.ir.fingerprint()}-{digest}-{'u' if case.bn_unbiased else 'b'}-{code_version()}.json")
-    if path.exists():
-        return json.loads(path.read_text())
+    cached = _read_floor_cache(path)
+    if cached is not None:
+        return cached
     floors, later_loss = [], 0.0
     n = len(case.x)
     for order in (np.roll(np.arange(n)[::step], shift) for step, shift in FP32_ORDERS):
@@ -575,6 +576,21 @@ def _fp32_runs(case: TrainingCase) -> dict:
     tmp.write_text(json.dumps(runs))
     tmp.replace(path)
     return runs
+
+
+def _read_floor_cache(path) -> dict | None:
+    """A cached _fp32_runs result, or None when the file is missing, unreadable or malformed.
+
+    A cache written by an interrupted run or another version must cost a recomputation,
+    never a failed conformance case."""
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(runs, dict) and isinstance(runs.get("weights"), (int, float))
+          and isinstance(runs.get("later_loss"), (int, float))
+          and (runs.get("weights_param") is None or isinstance(runs.get("weights_param"), str)))
+    return runs if ok else None
 
 
 def fp32_bound_reason(ratio: float, where, floor: float, floor_where) -> str | None:

@@ -93,3 +93,14 @@ def test_fitted_flips_are_near_ties_only():
     case = _maxpool_case()  # no window of this batch is within TIE_FIT_RTOL of a tie
     start, steps = _flipped_run(case, [[("pool", 1, 2, 0, 1)], []])
     assert conformance.fitted_flips(case, start, steps) == [[], []]
+
+
+def test_a_malformed_floor_cache_is_a_miss_and_is_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMENET_CACHE", str(tmp_path))
+    case = _maxpool_case()
+    fresh = conformance.fp32_floor(case)
+    (written,) = (tmp_path / "floor").glob("*.json")
+    for bad in ("", "{not json", "[]", '{"weights": "x", "later_loss": 0.0}', '{"weights": 1.0}'):
+        written.write_text(bad)
+        assert conformance.fp32_floor(case) == fresh, bad
+        assert conformance._read_floor_cache(written) is not None  # recomputed and written again
