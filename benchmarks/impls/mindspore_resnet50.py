@@ -15,11 +15,12 @@ trainable + 53,120 BN statistics = 25,610,152):
 
 Matched to the mindspore backend's execution modes: ``pynative`` (default; the cells are
 called directly) and ``graph`` (``--exec-mode graph``: the train Cell and the net each
-wrapped in ms.jit, as the backend wraps its Cells; the first call compiles). The child environment from harness.runner sets the
-backend's env vars, TUNED_ENV's ONEDNN_MAX_CPU_ISA=AVX2 included (without it oneDNN picks a
-reference NCHW conv kernel on AVX-512 CPUs, ~70x slower); the tuned thread count is set as
-the backend's configure() sets it. Data: harness.data.synthetic_batch, NCHW as the backend
-feeds it, int32 labels (what the sparse cross-entropy takes), made before timing.
+wrapped in ms.jit, as the backend wraps its Cells; the first call compiles). The child
+environment from harness.runner sets the backend's env vars, TUNED_ENV's
+ONEDNN_MAX_CPU_ISA=AVX2 included (without it oneDNN picks a reference NCHW conv kernel on
+AVX-512 CPUs, ~70x slower); the tuned thread count is set as the backend's configure()
+sets it. Data: harness.data.synthetic_batch, NCHW as the backend feeds it, int32 labels (what
+the sparse cross-entropy takes), made before timing.
 
 Train step: nn.TrainOneStepCell(nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(
 sparse=True, reduction="mean")), nn.Momentum) called with (x, y). Inference:
