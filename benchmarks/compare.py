@@ -45,6 +45,19 @@ def run_impl(impl: str, cell: Cell, python: str, timeout: float) -> dict:
         return json.loads(out.read_text())
 
 
+def check_impl(impl: str, cell: Cell, python: str, timeout: float) -> str:
+    """``same``, ``different`` or ``unchecked``: handwritten.py --check, in the cell's child environment."""
+    proc = subprocess.run([python, str(ROOT / "benchmarks" / "handwritten.py"), "--check", impl, cell.model],
+                          env=child_environment(cell), capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if " logits " in line:
+            print(line, flush=True)
+    if proc.returncode == 2:
+        why = (proc.stderr.strip().splitlines() or ["no reason given"])[-1]
+        print(f"{impl}: not checked against the spec ({why})", flush=True)
+    return {0: "same", 1: "different"}.get(proc.returncode, "unchecked")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", required=True)
@@ -75,7 +88,9 @@ def main(argv=None) -> int:
     python = python_for(args.backend, {args.backend: args.python} if args.python else None)
     if os.sep in python and not os.access(python, os.X_OK):
         p.error(f"--python: {python}: no such interpreter")
+    same_function = check_impl(args.impl, cell, python, args.timeout)
     harness_medians, impl_medians = [], []
+    processes = {"harness": [], "impl": []}  # per process: its step times and peak RSS, in run order
     for r in range(args.rounds):
         # ABBA: each side goes first in every other round, so drift within a round (the VM's
         # load, caches, clocks) cancels instead of always falling on the same side.
@@ -92,6 +107,8 @@ def main(argv=None) -> int:
                     print(f"{args.impl} failed: {row.get('error')}", file=sys.stderr)
                     return 1
                 impl_medians.append(row["step_median_s"])
+            processes[side].append({"round": r + 1, "samples_ms": [round(t / 1e6, 1) for t in row["samples_ns"]],
+                                    "first_step_s": row.get("first_step_s"), "peak_rss_mb": row.get("peak_rss_mb")})
             print(f"round {r + 1} {side:8s}: median {row['step_median_s'] * 1e3:9.1f} ms "
                   f"[p10 {row['step_p10_s'] * 1e3:.1f}, p90 {row['step_p90_s'] * 1e3:.1f}] "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
@@ -99,12 +116,14 @@ def main(argv=None) -> int:
     ratio = h / i
     verdict = "" if args.target is None else (" PASS" if ratio <= args.target else " FAIL") + f" (target <= {args.target})"
     print(f"{args.backend} {args.model} {args.mode} b{args.batch} {cell.exec_mode or 'default'}: harness {h * 1e3:.1f} ms, "
-          f"{args.impl} {i * 1e3:.1f} ms, ratio {ratio:.3f}{verdict}")
+          f"{args.impl} {i * 1e3:.1f} ms, ratio {ratio:.3f}{verdict}; the two nets' function: {same_function}")
     record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "backend": args.backend,
-              "impl": args.impl, "model": args.model, "input": args.input, "mode": args.mode, "batch": args.batch,
+              "impl": args.impl, "impl_function": same_function, "model": args.model, "input": args.input,
+              "mode": args.mode, "batch": args.batch,
               "exec_mode": args.exec_mode, "options": dict(options), "threads": args.threads, "rounds": args.rounds,
               "warmup": args.warmup, "iters": args.iters, "harness_medians_s": harness_medians,
-              "impl_medians_s": impl_medians, "ratio": ratio, "target": args.target,
+              "impl_medians_s": impl_medians, "harness_processes": processes["harness"],
+              "impl_processes": processes["impl"], "ratio": ratio, "target": args.target,
               "machine_class": machine_class(), **host_environment()}
     out = ROOT / "results" / "benchmarks" / f"{args.name or f'{args.backend}-{args.impl}-{args.mode}'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

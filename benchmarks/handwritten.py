@@ -1,11 +1,17 @@
 """Times a hand-written implementation in its own process, with the cell's protocol.
 
     python benchmarks/handwritten.py IMPL CONFIG.json OUT.json
+    python benchmarks/handwritten.py --check IMPL MODEL [BATCH]
 
 IMPL names a module in benchmarks/impls with ``setup(cell) -> (step, sync)``: ``step()`` runs
 one training or inference step on a batch made before timing, ``sync()`` waits for the
 device. The protocol is harness.cell's: one first step, untimed warm-up, then timed steps
 with perf_counter_ns read after ``sync()``.
+
+``--check`` proves an implementation computes the spec's function: with the canonical weights
+its ``outputs(cell, x)`` (eval-mode, then train-mode logits) must match the backend's
+spec-built net's (IMPL names the backend: mindspore_resnet50 -> mindspore) within the
+conformance tolerance. Exit 0 when they match, 1 when not, 2 when IMPL has no ``outputs``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.cell import Cell  # noqa: E402
 from harness.measure import peak_rss_mb, summarize  # noqa: E402
+
+
+def check(impl: str, model: str, batch: str = "2") -> int:
+    """Eval- and train-mode logits of IMPL against the backend's spec-built net, same weights and batch."""
+    import numpy as np
+
+    from harness import backend as registry
+    from harness import zoo
+    from harness.backend import BuildConfig
+    from harness.cell import weights_for
+    from harness.conformance import ATOL, RTOL
+    from harness.data import synthetic_batch
+
+    try:
+        module = importlib.import_module(f"impls.{impl}")
+    except ImportError as e:
+        print(f"handwritten.py --check: cannot import impls/{impl}.py with {sys.executable}: {e}", file=sys.stderr)
+        return 2
+    if not hasattr(module, "outputs"):
+        print(f"handwritten.py --check: impls/{impl}.py has no outputs(cell, x): nothing to check", file=sys.stderr)
+        return 2
+    backend_name = impl.split("_")[0]
+    cell = Cell(backend=backend_name, model=model, mode="infer", batch=int(batch))
+    ir = zoo.load(model, None)
+    x, _ = synthetic_batch(ir, cell.batch, cell.seed)
+    got = module.outputs(cell, x)
+    b = registry.get(backend_name)()
+    b.import_framework()
+    b.configure(cell.threads, cell.cpu_settings == "tuned")
+    b.build(ir, b.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode)))
+    b.set_weights(weights_for(ir, cell.seed))
+    want = [b.forward(x, train=False)[0], b.forward(x, train=True)[0]]
+    ok = True
+    for mode, g, w in zip(("eval", "train"), got, want):
+        diff = float(np.max(np.abs(np.asarray(g, np.float64) - w)))
+        same = bool(np.allclose(g, w, rtol=RTOL, atol=ATOL))
+        ok &= same
+        print(f"{impl} vs spec {model} ({backend_name}), {mode}-mode logits {tuple(np.shape(g))}: "
+              f"max |diff| {diff:.3g} -> {'same' if same else 'DIFFERENT'} (rtol {RTOL}, atol {ATOL})")
+    return 0 if ok else 1
 
 
 def main(impl: str, config: str, out: str) -> int:
@@ -46,4 +92,7 @@ def main(impl: str, config: str, out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    args = sys.argv[1:]
+    if not (args[:1] == ["--check"] and len(args) in (3, 4) or args[:1] != ["--check"] and len(args) == 3):
+        sys.exit("usage: handwritten.py IMPL CONFIG.json OUT.json | --check IMPL MODEL [BATCH]")
+    sys.exit(check(*args[1:]) if args[0] == "--check" else main(*args))
