@@ -11,9 +11,10 @@ Two variants, chosen by ``SAMENET_IMPL_NET``:
     * ``spec`` (the default): the spec's network, as a MindSpore user writes torchvision's
       ResNet-50: explicit pads as MindSpore's API writes them (Conv2d pad_mode="pad",
       padding=k // 2; MaxPool2d pad_mode="pad", padding=1) and BN eps 1e-5. The same
-      function as the spec-built net (checked: identical eval logits), so the ratio measures
-      how the harness builds and runs a network, as every other row of benchmarks/README.md
-      does (torchvision, paddle.vision and the Gluon zoo compute the spec's function too).
+      function as the spec-built net (``handwritten.py --check``: identical eval- and
+      train-mode logits on the canonical weights), so the ratio measures how the harness
+      builds and runs a network, as every other row of benchmarks/README.md does
+      (torchvision, paddle.vision and the Gluon zoo compute the spec's function too).
     * ``model-repo``: the model repo's own choices, pad_mode="same" and eps 1e-4. "same" pads
       follow TF's rule (at 224x224 the 3x3/2 convs and the stem max pool pad 0 before / 1
       after, the 7x7/2 stem 2 / 3; the spec pads symmetrically, 1 and 3): the same output
