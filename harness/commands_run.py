@@ -61,6 +61,8 @@ def _configure(p):
     p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
     p.add_argument("--store", default="bench", help="kind of rows / subfolder (default: bench)")
     p.add_argument("--force", action="store_true", help="rerun cells already in the results")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="rerun cells whose newest row is an error, crash, timeout or oom (not unsupported)")
     p.add_argument("--python", action="append", metavar="BACKEND=PATH", help="interpreter of a backend's env")
     p.add_argument("--quick", action="store_true",
                    help="the quick default suite: lenet5 and resnet18, train and infer, batch 16, 3 warm-up, 10 timed; "
@@ -160,7 +162,8 @@ def cmd_run(args) -> int:
     cells = cells_from_args(args)
     overrides = _pairs(args.python, "--python")
     pythons = {b: python_for(b, overrides) for b in {c.backend for c in cells}}
-    rows = sweep(cells, store, pythons.__getitem__, args.timeout, force=args.force, progress=not args.quiet)
+    rows = sweep(cells, store, pythons.__getitem__, args.timeout, force=args.force, progress=not args.quiet,
+                 retry_failed=args.retry_failed)
     out = console()
     import pandas as pd
 

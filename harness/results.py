@@ -77,6 +77,10 @@ class Store:
     def keys(self) -> set[str]:
         return {r["cell_key"] for r in self.rows() if "cell_key" in r}
 
+    def statuses(self) -> dict[str, str]:
+        """Cell key -> the status of its newest row (rows are named oldest first)."""
+        return {r["cell_key"]: r.get("status", "error") for r in self.rows() if "cell_key" in r}
+
 
 def load(root: str | Path | None = None, kind: str | None = "bench"):
     """All rows of a store as a DataFrame (every kind when ``kind`` is None)."""

@@ -6,7 +6,8 @@ installed here, else the backend's tox env ``.tox/<backend>``, or ``--python NAM
 with the CPU settings of the backend set in its environment before the framework loads.
 A crash (segfault included), a timeout or an out-of-memory kill still yields a row; the
 sweep goes on. Cells already in the store are skipped unless forced, so an interrupted
-sweep resumes where it stopped.
+sweep resumes where it stopped; with ``retry_failed`` a cell whose newest row failed (FAILED)
+runs again.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         left = elapsed / self.done * (self.total - self.done)
         if row is None:
-            what = "skipped (in the results; --force reruns)"
+            what = "skipped (in the results; --force reruns, --retry-failed reruns failures)"
         elif row.get("status") == "ok":
             what = f"ok, {row['step_median_s'] * 1e3:.1f} ms/step"
         else:
@@ -172,11 +173,25 @@ class _Progress:
             self.bar.stop()
 
 
+FAILED = frozenset({"error", "crash", "timeout", "oom"})
+"""Statuses a retry reruns: not ``ok``, nor ``unsupported`` (which a rerun cannot change)."""
+
+
 def sweep(cells: Iterable[Cell], store: Store, python: Callable[[str], str], timeout: float, force: bool = False,
-          progress: bool = True, run_id: str | None = None) -> list[dict]:
-    """Runs every cell not yet in the store; returns the rows of this sweep (new ones)."""
+          progress: bool = True, run_id: str | None = None, retry_failed: bool = False) -> list[dict]:
+    """Runs every cell not yet in the store; returns the rows of this sweep (new ones).
+
+    Args:
+        force: Run every cell, whatever the store holds.
+        retry_failed: Also run cells whose newest row's status is in FAILED.
+    """
     cells = list(cells)
-    have = set() if force else store.keys()
+    if force:
+        have = set()
+    elif retry_failed:
+        have = {key for key, status in store.statuses().items() if status not in FAILED}
+    else:
+        have = store.keys()
     run_id = run_id or uuid.uuid4().hex[:12]
     bar = _Progress(len(cells), progress)
     rows = []

@@ -91,6 +91,20 @@ def test_sweep_goes_on_after_failures_and_resumes(tmp_path):
     assert len(again) == 1 and len(list(store.rows())) == 4
 
 
+def test_retry_failed_reruns_only_cells_whose_newest_row_failed(tmp_path):
+    store = Store(tmp_path)
+    crashed, recovered, unsupported = cell("segfault"), cell(), cell(precision="amp-bf16")
+    store.write({"cell_key": crashed.key(), "status": "crash", "timestamp": "2026-01-01T00:00:00+00:00"})
+    store.write({"cell_key": recovered.key(), "status": "timeout", "timestamp": "2026-01-01T00:00:00+00:00"})
+    store.write({"cell_key": recovered.key(), "status": "ok", "timestamp": "2026-01-02T00:00:00+00:00"})
+    store.write({"cell_key": unsupported.key(), "status": "unsupported", "timestamp": "2026-01-01T00:00:00+00:00"})
+    cells = [crashed, recovered, unsupported]
+    assert sweep(cells, store, lambda b: sys.executable, timeout=120, progress=False) == []
+    rows = sweep(cells, store, lambda b: sys.executable, timeout=120, progress=False, retry_failed=True)
+    assert [(r["backend"], r["status"]) for r in rows] == [("segfault", "crash")]
+    assert store.statuses()[recovered.key()] == "ok"
+
+
 def test_killing_a_sweep_loses_no_finished_cell(tmp_path):
     cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
            "--batch-sizes", "1,2,3,4,5", "--warmup", "0", "--iters", "2", "--threads", "1",
