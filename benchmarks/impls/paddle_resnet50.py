@@ -82,3 +82,27 @@ def setup(cell):
         return train, sync
     model.eval()
     return infer, sync
+
+
+def outputs(cell, x):
+    """Eval-mode, then train-mode logits on ``x`` with the spec's canonical weights, as numpy.
+
+    For ``handwritten.py --check``. paddle.vision names its layers as torchvision does; BN
+    statistics are ``_mean``/``_variance`` and the fc weight is stored (in, out)."""
+    from harness.cell import weights_for
+
+    paddle.set_device("cpu" if cell.device == "cpu" else f"gpu:{cell.device.partition(':')[2] or 0}")
+    model = paddle.vision.models.resnet50(num_classes=1000)
+    weights = weights_for(zoo.load("resnet50", cell.input), cell.seed)
+    state = {}
+    for name, param in model.state_dict().items():
+        value = weights[name.replace("._mean", ".running_mean").replace("._variance", ".running_var")]
+        value = value.T if name == "fc.weight" else value
+        assert tuple(param.shape) == value.shape, (name, param.shape, value.shape)
+        state[name] = np.ascontiguousarray(value, dtype=np.float32)
+    model.set_state_dict(state)
+    with paddle.no_grad():
+        model.eval()
+        evaluated = model(paddle.to_tensor(x)).numpy()
+        model.train()
+        return [evaluated, model(paddle.to_tensor(x)).numpy()]

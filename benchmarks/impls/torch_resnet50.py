@@ -94,3 +94,23 @@ def setup(cell):
         return train, lambda: None
     model.eval()
     return infer, lambda: None
+
+
+def outputs(cell, x):
+    """Eval-mode, then train-mode logits on ``x`` with the spec's canonical weights, as numpy.
+
+    For ``handwritten.py --check``: the state dict's names are torchvision's, which are the spec's."""
+    from harness import zoo
+    from harness.cell import weights_for
+
+    model = ResNet50()
+    ir = zoo.load("resnet50", cell.input)
+    weights = weights_for(ir, cell.seed)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        model.eval()
+        evaluated = model(torch.from_numpy(x)).numpy()
+        model.train()
+        return [evaluated, model(torch.from_numpy(x)).numpy()]
