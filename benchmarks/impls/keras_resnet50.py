@@ -109,3 +109,49 @@ def setup(cell):
             last[0].numpy()
 
     return (train_step if cell.mode == "train" else infer_step), sync
+
+
+BACKEND = "tf"  # the harness backend that builds the spec this impl is checked against
+
+
+def _spec_prefix(layer_name: str) -> str:
+    """The spec's layer prefix for a keras.applications ResNet50 layer name."""
+    if layer_name in ("conv1_conv", "conv1_bn"):
+        return {"conv1_conv": "conv1", "conv1_bn": "bn1"}[layer_name]
+    if layer_name == "predictions":
+        return "fc"
+    stage, block, index, kind = layer_name.split("_")  # e.g. conv2_block1_0_conv
+    where = f"layer{int(stage[4:]) - 1}.{int(block[5:]) - 1}"
+    if index == "0":
+        return f"{where}.downsample.{0 if kind == 'conv' else 1}"
+    return f"{where}.{kind}{index}"
+
+
+def outputs(cell, x):
+    """Eval-mode, then train-mode logits on ``x`` (NCHW) with the spec's canonical weights, as numpy.
+
+    For ``handwritten.py --check``: layers matched by name (conv{stage}_block{b}_{i}_conv/bn;
+    index 0 is the shortcut), kernels transposed from the spec's OIHW / (out, in)."""
+    from harness.cell import weights_for
+
+    ir = zoo.load("resnet50_keras", cell.input)
+    c, h, w = ir.input_shape
+    weights = weights_for(ir, cell.seed)
+    model = keras.applications.ResNet50(weights=None, classes=1000, input_shape=(h, w, c),
+                                        classifier_activation=None)
+    loaded = 0
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        prefix = _spec_prefix(layer.name)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            values = [weights[f"{prefix}.{n}"] for n in ("weight", "bias", "running_mean", "running_var")]
+        elif isinstance(layer, keras.layers.Conv2D):
+            values = [weights[f"{prefix}.weight"].transpose(2, 3, 1, 0), weights[f"{prefix}.bias"]]
+        else:
+            values = [weights[f"{prefix}.weight"].T, weights[f"{prefix}.bias"]]
+        layer.set_weights([np.ascontiguousarray(v, dtype=np.float32) for v in values])
+        loaded += len(values)
+    assert loaded == len(weights), (loaded, len(weights))
+    nhwc = tf.constant(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    return [model(nhwc, training=False).numpy(), model(nhwc, training=True).numpy()]
