@@ -14,7 +14,7 @@ Two variants, chosen by ``SAMENET_IMPL_NET``:
       function as the spec-built net (``handwritten.py --check``: identical eval- and
       train-mode logits on the canonical weights), so the ratio measures how the harness
       builds and runs a network, as every other row of benchmarks/README.md does
-      (torchvision, paddle.vision and the Gluon zoo compute the spec's function too).
+      (torchvision, paddle.vision and keras.applications compute their spec's function too).
     * ``model-repo``: the model repo's own choices, pad_mode="same" and eps 1e-4. "same" pads
       follow TF's rule (at 224x224 the 3x3/2 convs and the stem max pool pad 0 before / 1
       after, the 7x7/2 stem 2 / 3; the spec pads symmetrically, 1 and 3): the same output
