@@ -49,9 +49,7 @@ def check_impl(impl: str, cell: Cell, python: str, timeout: float) -> str:
     """``same``, ``different`` or ``unchecked``: handwritten.py --check, in the cell's child environment."""
     proc = subprocess.run([python, str(ROOT / "benchmarks" / "handwritten.py"), "--check", impl, cell.model],
                           env=child_environment(cell), capture_output=True, text=True, timeout=timeout)
-    for line in proc.stdout.splitlines():
-        if " logits " in line:
-            print(line, flush=True)
+    print(proc.stdout, end="", flush=True)
     if proc.returncode == 2:
         why = (proc.stderr.strip().splitlines() or ["no reason given"])[-1]
         print(f"{impl}: not checked against the spec ({why})", flush=True)

@@ -37,10 +37,9 @@ def check(impl: str, model: str, batch: str = "2") -> int:
     import numpy as np
 
     from harness import backend as registry
-    from harness import zoo
+    from harness import reference, zoo
     from harness.backend import BuildConfig
     from harness.cell import weights_for
-    from harness import reference
     from harness.conformance import ATOL, FP32_FACTOR, RTOL
     from harness.data import synthetic_batch
 
@@ -61,9 +60,10 @@ def check(impl: str, model: str, batch: str = "2") -> int:
     b.import_framework()
     b.configure(cell.threads, cell.cpu_settings == "tuned")
     b.build(ir, b.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode)))
-    b.set_weights(weights_for(ir, cell.seed))
+    weights = weights_for(ir, cell.seed)
+    b.set_weights(weights)
     want = [b.forward(x, train=False)[0], b.forward(x, train=True)[0]]
-    weights64 = {k: v.astype(np.float64) for k, v in weights_for(ir, cell.seed).items()}
+    weights64 = {k: v.astype(np.float64) for k, v in weights.items()}
     ok = True
     for mode, g, w in zip(("eval", "train"), got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)

@@ -75,7 +75,7 @@ class Store:
                 continue  # a foreign or damaged file: never let it stop a load
 
     def keys(self) -> set[str]:
-        return {r["cell_key"] for r in self.rows() if "cell_key" in r}
+        return set(self.statuses())
 
     def statuses(self) -> dict[str, str]:
         """Cell key -> the status of its newest row (rows are named oldest first)."""

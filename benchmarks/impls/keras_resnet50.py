@@ -112,14 +112,13 @@ def setup(cell):
 
 
 BACKEND = "tf"  # the harness backend that builds the spec this impl is checked against
+_OUTSIDE_BLOCKS = {"conv1_conv": "conv1", "conv1_bn": "bn1", "predictions": "fc"}
 
 
 def _spec_prefix(layer_name: str) -> str:
     """The spec's layer prefix for a keras.applications ResNet50 layer name."""
-    if layer_name in ("conv1_conv", "conv1_bn"):
-        return {"conv1_conv": "conv1", "conv1_bn": "bn1"}[layer_name]
-    if layer_name == "predictions":
-        return "fc"
+    if layer_name in _OUTSIDE_BLOCKS:
+        return _OUTSIDE_BLOCKS[layer_name]
     stage, block, index, kind = layer_name.split("_")  # e.g. conv2_block1_0_conv
     where = f"layer{int(stage[4:]) - 1}.{int(block[5:]) - 1}"
     if index == "0":

@@ -39,13 +39,17 @@ from harness import zoo
 from harness.data import synthetic_batch
 
 
+def _place(cell) -> str:
+    return "cpu" if cell.device == "cpu" else f"gpu:{cell.device.partition(':')[2] or 0}"
+
+
 def setup(cell):
     if cell.cpu_settings == "tuned":  # as the backend's configure()
         paddle.base.core.set_num_threads(cell.threads)
     mode = cell.exec_mode or "dynamic"
     if mode != "dynamic":
         raise ValueError(f"paddle_resnet50: exec mode {mode} not written (dynamic only)")
-    place = "cpu" if cell.device == "cpu" else f"gpu:{cell.device.partition(':')[2] or 0}"
+    place = _place(cell)
     paddle.set_device(place)
     paddle.seed(cell.seed)
 
@@ -91,7 +95,7 @@ def outputs(cell, x):
     statistics are ``_mean``/``_variance`` and the fc weight is stored (in, out)."""
     from harness.cell import weights_for
 
-    paddle.set_device("cpu" if cell.device == "cpu" else f"gpu:{cell.device.partition(':')[2] or 0}")
+    paddle.set_device(_place(cell))
     model = paddle.vision.models.resnet50(num_classes=1000)
     weights = weights_for(zoo.load("resnet50", cell.input), cell.seed)
     state = {}
