@@ -174,8 +174,8 @@ def load_canonical(net, ir, weights) -> None:
         param.set_data(ms.Tensor(np.ascontiguousarray(w, dtype=np.float32)))
 
 
-def _device_and_net(cell):
-    """Selects the cell's device and CPU settings, then builds the net with the canonical weights."""
+def _device_and_net(cell, canonical: bool):
+    """Selects the cell's device and CPU settings, then builds the net (with the canonical weights)."""
     kind, _, index = cell.device.partition(":")
     target = {"cpu": "CPU", "cuda": "GPU", "ascend": "Ascend"}[kind]
     ms.set_device(target, int(index or 0))
@@ -191,7 +191,7 @@ def _device_and_net(cell):
     print(f"mindspore resnet50 ({VARIANT}): {count:,} parameters; spec resnet50: {spec_params:,}", flush=True)
     assert count == spec_params, (count, spec_params)
 
-    if os.environ.get("SAMENET_IMPL_WEIGHTS", "canonical") == "canonical":
+    if canonical:
         load_canonical(net, spec_ir, weights_for(spec_ir, cell.seed))
     return target, net
 
@@ -200,7 +200,7 @@ def outputs(cell, x):
     """The net's logits on ``x`` in eval mode, then in train mode (batch statistics), as numpy.
 
     For ``handwritten.py --check``, which compares them with the spec-built net's."""
-    _, net = _device_and_net(cell)
+    _, net = _device_and_net(cell, canonical=True)  # whatever SAMENET_IMPL_WEIGHTS says
     net.set_train(False)
     evaluated = net(ms.Tensor(x)).asnumpy()
     net.set_train(True)
@@ -213,7 +213,7 @@ def setup(cell):
         raise ValueError(f"mindspore_resnet50: exec mode {mode} not written (pynative, graph)")
     # graph: ms.jit around the Cell, as the backend compiles it (first call compiles)
     wrap = ms.jit if mode == "graph" else (lambda c: c)
-    target, net = _device_and_net(cell)
+    target, net = _device_and_net(cell, os.environ.get("SAMENET_IMPL_WEIGHTS", "canonical") == "canonical")
     ir = zoo.load(cell.model, cell.input)
     x, y = synthetic_batch(ir, cell.batch, cell.seed)
     x, y = ms.Tensor(x), ms.Tensor(y.astype(np.int32))
