@@ -1,17 +1,12 @@
-"""Backends: one module per framework, all implementing harness.backend.Backend.
+"""Backends: one package per framework, all implementing harness.backend's protocol.
 
-Registration is one line per backend below (``name: "module:Class"``); removing a backend is
-deleting its module, its tox env and its line here. Importing this package imports no
-framework: each backend module imports its framework lazily, inside its methods.
+Each package's ``__init__`` declares the backend (a harness.backend.BackendInfo: name, pins,
+modes, options, capabilities, known gaps) and imports no framework; its ``impl`` module
+imports the framework at the top and holds the Backend class and the builder table.
+``backends/keras`` is the Keras model builder that the tf, keras-torch and keras-jax backends
+share; it is not a backend itself.
+
+The registry is pyproject.toml's ``samenet.backends`` entry points, one line per backend:
+removing a backend is deleting its package and that line (a core test then points at its tox
+envs and CI matrix entry). docs/extending.md walks through adding one.
 """
-
-REGISTRY = {
-    "numpy": "backends.numpy_backend:NumpyBackend",
-    "torch": "backends.torch_backend:TorchBackend",
-    "tf": "backends.keras_backend:KerasTFBackend",
-    "keras-torch": "backends.keras_torch_backend:KerasTorchBackend",
-    "keras-jax": "backends.keras_jax_backend:KerasJaxBackend",
-    "mxnet": "backends.mxnet_backend:MXNetBackend",
-    "paddle": "backends.paddle_backend:PaddleBackend",
-    "mindspore": "backends.mindspore_backend:MindSporeBackend",
-}

@@ -56,10 +56,10 @@ def check(impl: str, model: str, batch: str = "2") -> int:
     ir = zoo.load(model, None)
     x, _ = synthetic_batch(ir, cell.batch, cell.seed)
     got = module.outputs(cell, x)
-    b = registry.get(backend_name)()
-    b.import_framework()
+    info = registry.get(backend_name)
+    b = info.create()
     b.configure(cell.threads, cell.cpu_settings == "tuned")
-    b.build(ir, b.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode)))
+    b.build(ir, info.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode)))
     weights = weights_for(ir, cell.seed)
     b.set_weights(weights)
     want = [b.forward(x, train=False)[0], b.forward(x, train=True)[0]]

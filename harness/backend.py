@@ -1,8 +1,9 @@
-"""The backend protocol, and lazy discovery of the backends registered in ``backends/``.
+"""The backend protocol, and discovery of the registered backends.
 
-A backend wraps one framework. Its module imports the framework only inside methods
-(``import_framework`` first), so listing, configuring and registering backends never
-imports a framework. One instance holds one built model.
+A backend is a package in ``backends/``: its ``__init__`` holds a :class:`BackendInfo` (name,
+pins, modes, options, capabilities, known gaps) and imports no framework, so listing,
+configuring and checking backends never imports one; its implementation module imports the
+framework at the top and defines a :class:`Backend`. One instance holds one built model.
 
 Train step contract (every backend implements exactly this, and the parity tests prove it):
 
@@ -76,56 +77,107 @@ class BuildConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
 
 
-class Backend(abc.ABC):
-    """One framework behind the common protocol.
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared as data and obeyed by the runner, parity and conformance.
 
-    Class attributes declare what a backend offers; they are read without importing the
-    framework.
+    Attributes:
+        train: Training steps (``train_step``); False makes an inference-only backend.
+        infer: Inference steps (``infer_step``).
+        masks: Fixed dropout/drop_path keep-masks (``set_masks``), needed by training parity
+            of networks with dropout.
+        set_lr: Changing the learning rate between steps (``set_lr``), needed by schedules.
+        fp64: A float64 build (VERIFY_PRECISION), parity's proof that a float32 miss is rounding.
+        data_parallel: Data-parallel training over several processes.
+        devices: Device kinds it can build on (of DEVICE_KINDS).
+        precisions: Precisions it can build in (of PRECISIONS).
+    """
+
+    train: bool = True
+    infer: bool = True
+    masks: bool = True
+    set_lr: bool = True
+    fp64: bool = False
+    data_parallel: bool = False
+    devices: tuple[str, ...] = ("cpu",)
+    precisions: tuple[str, ...] = ("fp32",)
+
+    def lacks(self, mode: str) -> str | None:
+        """Why a step of ``mode`` (train or infer) cannot run, or None when it can."""
+        if mode == "train" and not self.train:
+            return "no training (inference-only backend)"
+        if mode == "infer" and not self.infer:
+            return "no inference steps"
+        return None
+
+
+class BackendInfo:
+    """What the harness knows of a backend without importing its framework.
+
+    Each backend package's ``__init__`` subclasses this with class attributes and exposes one
+    instance as ``INFO``; the implementation (``impl``, ``module:Class``) imports the framework.
 
     Attributes:
         name: Registry name (also its tox env's name).
         framework: Import name of the framework (for ``available``).
-        distribution: pip distribution name, for version lookup without import.
+        distributions: pip distribution names, first found gives the version (no import).
+        pins: pip requirements of its tox env (tox.ini must list them; a core test checks).
+        impl: ``module:Class`` of the implementation (a :class:`Backend`).
+        builders: Module holding the builder table (``BUILDERS``), read as text by the core
+            tests; the impl's module by default.
         exec_modes: Execution modes; the first is the default.
         options: Backend options and their allowed values; the first value is the default.
+        capabilities: What it can do (:class:`Capabilities`).
         known_gaps: What this backend cannot match, as data: glob patterns over conformance
             test ids (``op:lrn/*``, ``model:inception_v4``, ``train:*``) -> reason. Tests
-            matching a pattern are expected to fail (strict xfail) and reported with it.
+            matching a pattern are expected to fail (strict xfail) and reported with it;
+            an ``op:NAME/*`` gap also excuses a missing builder.
         bn_variance: How the framework updates BN running variance: ``unbiased`` (PyTorch,
             the IR's convention) or ``biased`` (Keras); parity checks convert the latter.
-        verifies_fp64: Builds in float64 (VERIFY_PRECISION) for parity's rounding proof.
         reference: The framework-free numpy executor: measured only when named, never as
             part of ``--backends all`` (it trains a ResNet in minutes per step).
     """
 
     name: ClassVar[str]
     framework: ClassVar[str]
-    distribution: ClassVar[str]
+    distributions: ClassVar[tuple[str, ...]] = ()
+    pins: ClassVar[tuple[str, ...]] = ()
+    impl: ClassVar[str]
+    builders: ClassVar[str | None] = None
     exec_modes: ClassVar[tuple[str, ...]] = ("eager",)
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
+    capabilities: ClassVar[Capabilities] = Capabilities()
     known_gaps: ClassVar[dict[str, str]] = {}
     bn_variance: ClassVar[str] = "unbiased"
-    verifies_fp64: ClassVar[bool] = False
     reference: ClassVar[bool] = False
 
-    # ------------------------------------------------------------------ no framework needed
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
 
-    @classmethod
-    def available(cls) -> bool:
+    @property
+    def verifies_fp64(self) -> bool:
+        """Builds in float64 (VERIFY_PRECISION) for parity's rounding proof."""
+        return self.capabilities.fp64
+
+    @property
+    def builders_module(self) -> str:
+        return self.builders or self.impl.partition(":")[0]
+
+    def available(self) -> bool:
         """Whether the framework is installed here (found, not imported)."""
-        return importlib.util.find_spec(cls.framework) is not None
+        return importlib.util.find_spec(self.framework) is not None
 
-    @classmethod
-    def installed_version(cls) -> str | None:
+    def installed_version(self) -> str | None:
         from importlib import metadata
 
-        try:
-            return metadata.version(cls.distribution)
-        except metadata.PackageNotFoundError:
-            return None
+        for dist in self.distributions or (self.framework,):
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
 
-    @classmethod
-    def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
+    def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:
         """Variables the cell process needs before the framework is imported.
 
         ``tuned`` applies the framework's documented best practice for the core budget;
@@ -136,40 +188,76 @@ class Backend(abc.ABC):
         n = str(threads)
         return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
-    @classmethod
-    def gap_reason(cls, test_id: str) -> str | None:
+    def gap_reason(self, test_id: str) -> str | None:
         """The known-gap reason matching a conformance test id, if any."""
-        for pattern, reason in cls.known_gaps.items():
+        for pattern, reason in self.known_gaps.items():
             if fnmatch.fnmatchcase(test_id, pattern):
                 return reason
         return None
 
-    @classmethod
-    def resolve_config(cls, config: BuildConfig) -> BuildConfig:
-        """Checks exec mode and options, filling in defaults (raises UsageError)."""
-        mode = config.exec_mode or cls.exec_modes[0]
-        if mode not in cls.exec_modes:
-            raise UsageError(f"backend {cls.name} has no exec mode '{mode}' (modes: {', '.join(cls.exec_modes)})")
+    def resolve_config(self, config: BuildConfig) -> BuildConfig:
+        """Checks exec mode, options, device and precision, filling in defaults.
+
+        Raises:
+            UsageError: unknown mode, option, value or precision.
+            UnsupportedError: a device kind or precision the capabilities do not declare.
+        """
+        mode = config.exec_mode or self.exec_modes[0]
+        if mode not in self.exec_modes:
+            raise UsageError(f"backend {self.name} has no exec mode '{mode}' (modes: {', '.join(self.exec_modes)})")
         options = {}
         for key, value in config.options.items():
-            if key not in cls.options:
-                raise UsageError(f"backend {cls.name} has no option '{key}' (options: {', '.join(cls.options) or 'none'})")
-            if value not in cls.options[key]:
-                raise UsageError(f"backend {cls.name} option {key}: '{value}' not in {', '.join(cls.options[key])}")
+            if key not in self.options:
+                raise UsageError(f"backend {self.name} has no option '{key}' (options: {', '.join(self.options) or 'none'})")
+            if value not in self.options[key]:
+                raise UsageError(f"backend {self.name} option {key}: '{value}' not in {', '.join(self.options[key])}")
             options[key] = value
-        for key, values in cls.options.items():
+        for key, values in self.options.items():
             options.setdefault(key, values[0])
-        if config.precision == VERIFY_PRECISION and not cls.verifies_fp64:
-            raise UnsupportedError(f"backend {cls.name}: no {VERIFY_PRECISION} verification build")
         if config.precision not in PRECISIONS + (VERIFY_PRECISION,):
             raise UsageError(f"unknown precision '{config.precision}' (known: {', '.join(PRECISIONS)})")
+        if config.precision == VERIFY_PRECISION and not self.capabilities.fp64:
+            raise UnsupportedError(f"backend {self.name}: no {VERIFY_PRECISION} verification build")
+        if config.precision in PRECISIONS and config.precision not in self.capabilities.precisions:
+            raise UnsupportedError(f"backend {self.name}: precision {config.precision} not supported "
+                                   f"(declared: {', '.join(self.capabilities.precisions)})")
+        kind, _ = split_device(config.device)
+        if kind not in self.capabilities.devices:
+            raise UnsupportedError(f"backend {self.name}: device {kind} not supported "
+                                   f"(declared: {', '.join(self.capabilities.devices)})")
         return BuildConfig(config.device, config.precision, mode, options, config.optimizer)
+
+    def load(self) -> type[Backend]:
+        """The implementation class (imports its module, which imports the framework)."""
+        module, _, cls = self.impl.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def create(self) -> Backend:
+        """A new implementation instance, its framework imported (``import_framework``)."""
+        backend = self.load()(self)
+        backend.import_framework()
+        return backend
+
+
+class Backend(abc.ABC):
+    """One framework behind the common protocol; one instance holds one built model.
+
+    Its module imports the framework at the top and is only imported through
+    :meth:`BackendInfo.load`. What the backend declares (modes, options, capabilities, gaps)
+    is its :class:`BackendInfo`, ``self.info``.
+    """
+
+    def __init__(self, info: BackendInfo):
+        self.info = info
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
     # ------------------------------------------------------------------ framework calls
 
-    @abc.abstractmethod
     def import_framework(self) -> None:
-        """Imports the framework (the runner times this)."""
+        """Finishes importing the framework (the runner times ``create``, which calls this)."""
 
     @abc.abstractmethod
     def version(self) -> str:
@@ -241,21 +329,30 @@ class Backend(abc.ABC):
 
 # --------------------------------------------------------------------------- registry
 
+ENTRY_POINT_GROUP = "samenet.backends"
+
 
 def registry() -> dict[str, str]:
-    """Backend name -> ``module:Class``.
+    """Backend name -> ``module:attribute`` of its :class:`BackendInfo`.
 
-    backends/__init__.py holds the project's lines; ``SAMENET_BACKENDS`` adds more
-    (``name=module:Class,...``), for third-party backends and for tests.
+    The project's backends are entry points of the ``samenet.backends`` group (pyproject.toml,
+    one line each), so the harness never imports the ``backends`` package by name;
+    ``SAMENET_BACKENDS`` adds more (``name=module:attribute,...``), for third-party backends
+    and for tests.
     """
-    import backends
+    from importlib import metadata
 
-    reg = dict(backends.REGISTRY)
+    reg = {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     for item in os.environ.get("SAMENET_BACKENDS", "").split(","):
         name, sep, target = item.strip().partition("=")
         if sep and ":" in target:
             reg[name] = target
-    return reg
+    return dict(sorted(reg.items(), key=lambda kv: _ORDER.get(kv[0], len(_ORDER))))
+
+
+_ORDER = {name: i for i, name in enumerate(("numpy", "torch", "tf", "keras-torch", "keras-jax", "mxnet",
+                                             "paddle", "mindspore"))}
+"""Display order of the project's backends (others follow in name order)."""
 
 
 def names() -> list[str]:
@@ -267,13 +364,16 @@ def framework_names() -> list[str]:
     return [n for n in names() if not get(n).reference]
 
 
-def get(name: str) -> type[Backend]:
-    """The backend class (imports its module, never its framework)."""
+def get(name: str) -> BackendInfo:
+    """The backend's metadata (imports its package, never its framework)."""
     reg = registry()
     if name not in reg:
         raise UsageError(f"unknown backend '{name}' (known: {', '.join(reg)})")
-    module, _, cls = reg[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    module, _, attr = reg[name].partition(":")
+    info = getattr(importlib.import_module(module), attr or "INFO")
+    if info.name != name:
+        raise UsageError(f"backend '{name}' is registered as {reg[name]}, whose name is '{info.name}'")
+    return info
 
 
 def split_device(device: str) -> tuple[str, int]:
@@ -295,6 +395,3 @@ def default_threads() -> int:
     except AttributeError:
         return os.cpu_count() or 1
 
-
-def unsupported(what: str) -> UnsupportedError:
-    return UnsupportedError(what)

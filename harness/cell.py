@@ -116,12 +116,15 @@ def measure(cell: Cell, row: dict) -> None:
     from . import zoo
     from .backend import BuildConfig, Optimizer
     from .data import synthetic_batch
+    from .errors import UnsupportedError
 
     row["rss_start_mb"] = m.rss_mb()
-    cls = registry.get(cell.backend)
-    b = cls()
+    info = registry.get(cell.backend)
+    lacking = info.capabilities.lacks(cell.mode)
+    if lacking:
+        raise UnsupportedError(f"backend {info.name}: {lacking}")
     t = time.perf_counter()
-    b.import_framework()
+    b = info.create()
     row["import_s"] = time.perf_counter() - t
     row["rss_after_import_mb"] = m.rss_mb()
     row["framework_version"] = b.version()
@@ -136,7 +139,7 @@ def measure(cell: Cell, row: dict) -> None:
     weights = weights_for(ir, cell.seed)
     x, y = synthetic_batch(ir, cell.batch, cell.seed)
 
-    config = cls.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
+    config = info.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
                                             Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
     row["exec_mode"] = config.exec_mode
     row["options"] = config.options

@@ -8,78 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
+from .args import COMMANDS, Parser
 from .errors import HarnessError, UsageError
 
 PROG = "samenet"
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints usage too)
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def command(name: str, help: str):
-    """Registers ``fn(args) -> exit code`` as a sub-command; ``fn.configure(parser)`` adds options."""
-
-    def register(fn):
-        COMMANDS[name] = (help, fn)
-        return fn
-
-    return register
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``3x224x224`` or ``3,224,224`` -> (3, 224, 224)."""
-    try:
-        dims = tuple(int(p) for p in text.replace(",", "x").lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--input: expected CxHxW such as 3x224x224, got '{text}'") from None
-    if len(dims) != 3 or min(dims) < 1:
-        raise UsageError(f"--input: expected three positive sizes CxHxW, got '{text}'")
-    return dims
-
-
-def parse_sets(items: list[str] | None) -> dict:
-    """``--set classes=10`` pairs -> {"classes": 10} (values parsed as JSON where possible)."""
-    import json
-
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set: expected NAME=VALUE, got '{item}'")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
-def parse_list(text: str, option: str, known: list[str] | None = None, all_value: list[str] | None = None) -> list[str]:
-    """Comma-separated list with ``all``; checks against ``known`` when given."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UsageError(f"{option}: empty list")
-    if items == ["all"] and all_value is not None:
-        return list(all_value)
-    if known is not None:
-        bad = [i for i in items if i not in known]
-        if bad:
-            raise UsageError(f"{option}: unknown value '{bad[0]}' (known: {', '.join(known)})")
-    return items
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import commands, commands_report, commands_run  # noqa: F401  (registers the commands)
 
-    parser = _Parser(prog=PROG, description="One CNN description, built identically in every framework, "
+    parser = Parser(prog=PROG, description="One CNN description, built identically in every framework, "
                      "proven identical, then measured.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (help, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         getattr(fn, "configure", lambda p: None)(p)

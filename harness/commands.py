@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from . import zoo
-from .cli import command, parse_sets, parse_shape
+from .args import command, parse_sets, parse_shape
 from .display import console, fmt_int, fmt_macs, table
 from .errors import SpecError, UsageError
 from .ops import OPS, REQUIRED, fmt_shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import command, parse_list
+from .args import command, parse_list
 from .errors import UsageError
 
 

@@ -7,7 +7,7 @@ import time
 from . import backend as registry
 from . import zoo
 from .cell import MODES, Cell
-from .cli import command, parse_list, parse_shape
+from .args import command, parse_list, parse_shape
 from .display import console, table
 from .errors import UsageError
 from .results import Store, latest
@@ -345,7 +345,7 @@ def cmd_train(args) -> int:
 
     import pandas as pd
 
-    from .cli import parse_sets
+    from .args import parse_sets
     from .datasets import load as load_data
     from .runner import child_environment
     from .training import TrainConfig

@@ -2,7 +2,7 @@
 
 Op cases come from the op table (each op's ``cases``, as ONNX's node tests); model cases from
 the spec registry at each spec's test input. Each case carries its IR, calibrated probe
-weights (harness.init.probe_weights), an input batch and the float64 reference outputs; a
+weights (harness.probe.probe_weights), an input batch and the float64 reference outputs; a
 backend's fp32 result must equal them within RTOL and ATOL.
 
 Scale matters for a fixed ATOL: op cases run at unit scale. Model cases calibrate their
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import grads, init, reference, zoo
+from . import grads, init, probe, reference, zoo
 from .backend import Optimizer
 from .errors import UsageError
 from .init import stream
@@ -36,7 +36,8 @@ from .ops import OPS
 RTOL = 1e-4
 ATOL = 1e-5
 MODEL_OUTPUT_STD = 0.1
-_CASE_SOURCES = ("ops.py", "init.py", "grads.py", "reference.py", "conformance.py", "ir.py", "spec.py")
+_CASE_SOURCES = ("ops.py", "init.py", "probe.py", "grads.py", "reference.py", "graph.py", "conformance.py", "ir.py",
+                 "spec.py")
 
 
 def code_version() -> str:
@@ -113,7 +114,7 @@ def op_case_ir(op: str, case: dict, for_training: bool = False) -> IR:
 
 def op_case(op: str, case: dict, seed: int = 0, batch: int = 2) -> Case:
     ir = op_case_ir(op, case)
-    weights = init.probe_weights(ir, seed)
+    weights = probe.probe_weights(ir, seed)
     x = init._normal(stream(seed, "op.input"), (batch, *ir.input_shape)) * case.get("scale", 1.0) + case.get("shift", 0.0)
     x = x.astype(np.float32)
     expected = reference.run(ir, weights, x).outputs
@@ -130,7 +131,7 @@ def model_case(model: str, seed: int = 0, batch: int = 2) -> Case:
             x = f["x"]
             expected = [f[f"out{i}"] for i in range(len([k for k in f.files if k.startswith("out")]))]
         return Case(f"model:{model}", ir, weights, x, expected)
-    weights = init.probe_weights(ir, seed, output_std=MODEL_OUTPUT_STD)
+    weights = probe.probe_weights(ir, seed, output_std=MODEL_OUTPUT_STD)
     x = init._normal(stream(seed, "model.input"), (batch, *ir.input_shape)).astype(np.float32)
     expected = reference.run(ir, weights, x).outputs
     if ir.trainable_params + ir.non_trainable_params <= CACHE_LIMIT_PARAMS:
@@ -292,7 +293,7 @@ def _oracle(case_id, ir, weights, x, y, seed, bn_unbiased, flips=(), opt=None, m
 
 def op_training_case(op: str, case: dict, seed: int = 0, batch: int = 4, bn_unbiased: bool = True) -> TrainingCase:
     ir = op_case_ir(op, case, for_training=True)
-    weights = init.probe_weights(ir, seed)
+    weights = probe.probe_weights(ir, seed)
     x = init._normal(stream(seed, "op.train.input"), (batch, *ir.input_shape)) * case.get("scale", 1.0) + \
         case.get("shift", 0.0)
     y = np.random.default_rng(seed).integers(0, int(np.prod(ir.output_shape)), batch)
@@ -326,15 +327,16 @@ def maxpool_near_ties(ir, params, x, masks=None, rtol: float = TIE_RTOL) -> list
     Near: the two largest values closer than ``rtol`` times the pooled tensor's RMS. Exact
     ties are benign (copies of one value, or zeros whose ReLU passes no gradient).
     """
-    from .ops import RefContext, _pool_pad, _windows
+    from .ops import RefContext, _pool_pad, _windows, ops_with
 
-    if not any(n.op == "maxpool2d" for n in ir.nodes):
+    pools = ops_with("argmax")
+    if not any(n.op in pools for n in ir.nodes):
         return []
     ctx = RefContext(train=True, masks=dict(masks or {}), rng=np.random.default_rng(0))
     acts = {n.name: o for n, o in reference.iterate(ir, params, x, ctx, keep=True)}
     found = []
     for n in ir.nodes:
-        if n.op != "maxpool2d":
+        if n.op not in pools:
             continue
         a = acts[n.inputs[0]]
         windows = _windows(_pool_pad(a, n.attrs, n.shape[1:], -np.inf), n.attrs["kernel"], n.attrs["stride"], (1, 1),
@@ -467,7 +469,7 @@ def model_training_case(model: str, seed: int = 0, bn_unbiased: bool = True) -> 
             return TrainingCase(f"train:{model}", ir, get("w:"), f["x"], f["y"], get("m:"),
                                 [float(v) for v in f["losses"]], steps,
                                 Optimizer(*(float(v) for v in f["optimizer"])), tie_windows, bn_unbiased)
-    weights = init.probe_weights(ir, seed, output_std=MODEL_OUTPUT_STD)
+    weights = probe.probe_weights(ir, seed, output_std=MODEL_OUTPUT_STD)
     case = _tie_free_case(f"train:{model}", ir, weights, seed, bn_unbiased)
     if ir.trainable_params + ir.non_trainable_params <= CACHE_LIMIT_PARAMS:
         arrays = {f"w:{k}": v for k, v in weights.items()}

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import SpecError
 from .init import check_initializer
-from .ops import OPS, TRAIN_ONLY_OPS, fmt_shape, resolve_attrs
+from .ops import INPUT_OP, OPS, fmt_shape, ops_with, resolve_attrs
 from .spec import Expansion, RawNode, expand
 
 MACS_TOLERANCE = 0.005
@@ -235,24 +235,25 @@ def build_ir(doc: dict, file: str, input_shape: tuple[int, ...] | None = None,
     if any(d < 1 for d in shape_in):
         raise SpecError(f"input sizes must be positive, got {list(shape_in)}", file=file, path="$.input")
     schedule = doc.get("drop_path")
-    drop_nodes = [n.name for n in raw if n.op == "drop_path" and n.attrs.get("rate") is None]
+    scheduled = ops_with("scheduled_rate")
+    drop_nodes = [n.name for n in raw if n.op in scheduled and n.attrs.get("rate") is None]
     shapes: dict[str, tuple[int, ...]] = {}
     nodes: list[Node] = []
     params: dict[str, Param] = {}
     for n in raw:
         op = OPS[n.op]
-        if n.op == "input":
+        if n.op == INPUT_OP:
             shapes[n.name] = shape_in
-            nodes.append(Node(n.name, "input", (), {}, shape_in, (), 0, False, n.where()))
+            nodes.append(Node(n.name, INPUT_OP, (), {}, shape_in, (), 0, False, n.where()))
             continue
         try:
             attrs = resolve_attrs(op, n.attrs)
         except SpecError as e:
             raise SpecError(e.reason, file=file, path=n.path + (e.path or "") +
                             (f" (via {' > '.join(n.chain)})" if n.chain else "")) from None
-        if n.op == "drop_path" and attrs["rate"] is None:
+        if n.op in scheduled and attrs["rate"] is None:
             if schedule is None:
-                raise SpecError("drop_path needs a rate, or the spec needs a drop_path schedule", file=file, path=n.where())
+                raise SpecError(f"{n.op} needs a rate, or the spec needs a drop_path schedule", file=file, path=n.where())
             k, count = drop_nodes.index(n.name), len(drop_nodes)
             attrs["rate"] = schedule["start"] + (schedule["end"] - schedule["start"]) * (k / (count - 1) if count > 1 else 0.0)
         init_over = attrs.pop("init", {})

@@ -2,9 +2,10 @@
 
 Each entry (:class:`OpSchema`) declares the op's attributes (type, default, meaning), its
 shape rule, its parameters (canonical layout, trainable or not, default initializer), its
-multiply-accumulate count, its numpy reference implementation, and the conformance cases
-every backend is tested on. Adding an op means adding one entry here and one function per
-backend; nothing else in the harness names ops.
+multiply-accumulate count, its numpy forward and backward, its traits (what the rest of the
+harness needs to know of it: ``TRAITS``) and the conformance cases every backend is tested on.
+Adding an op means adding one entry here and one builder to each backend's ``BUILDERS``
+table; the harness reads traits, never op names (docs/extending.md).
 
 Conventions (canonical, as in the IR):
     * Shapes are per sample, without the batch axis: ``(C, H, W)`` or ``(F,)``.
@@ -195,6 +196,22 @@ class RefContext:
         return m
 
 
+TRAITS = {
+    "weighted": "a learned linear map (conv, linear): probe weights rescale it to unit output (LSUV), "
+                "and the layers that produce the outputs are found through it",
+    "normaliser": "batch normalisation: probe weights set its running statistics near the calibration batch's",
+    "stochastic": "draws random keep-masks in training; parity fixes them through set_masks",
+    "train_only": "the identity in eval mode",
+    "passthrough": "one input, same shape, no parameters, a rescaling at most: looked through when "
+                   "finding the normaliser that ends a residual branch",
+    "residual_sum": "sums residual branches: probe weights damp the normalisers that end them",
+    "argmax": "routes the gradient to a window's maximum: near-ties are found and resolved both ways",
+    "scheduled_rate": "a null rate takes the spec's drop_path schedule",
+    "internal": "the graph's entry: never written in a spec",
+}
+"""Every trait an op may carry, and what the harness does with it."""
+
+
 @dataclass(frozen=True)
 class OpSchema:
     """One op of the vocabulary.
@@ -209,9 +226,11 @@ class OpSchema:
         params: ``(input_shapes, attrs) -> [ParamDecl]``.
         macs: ``(input_shapes, output_shape, attrs) -> int`` per sample.
         reference: numpy ``(inputs, params, attrs, ctx) -> output``, batch axis first.
+        backward: numpy ``(inputs, params, attrs, output, d_output, ctx) -> (d_inputs,
+            d_params)``, the training oracle's (harness.grads); None only for ``input``.
         cases: Conformance cases: dicts with ``id``, ``inputs`` (shapes) and ``attrs``, and
             optionally ``scale`` and ``shift`` of the N(0, 1) input.
-        train_only: Attribute-free marker for ops whose eval form is the identity.
+        traits: What the harness needs to know of the op beyond its formulas (TRAITS).
     """
 
     name: str
@@ -222,7 +241,12 @@ class OpSchema:
     reference: Callable[..., np.ndarray]
     params: Callable[[list[Shape], dict], list[ParamDecl]] = lambda shapes, a: []
     macs: Callable[[list[Shape], Shape, dict], int] = lambda shapes, out, a: 0
+    backward: Callable[..., tuple[list, dict]] | None = None
     cases: tuple[dict, ...] = ()
+    traits: frozenset[str] = frozenset()
+
+    def has(self, trait: str) -> bool:
+        return trait in self.traits
 
     def attr(self, name: str) -> Attr | None:
         return next((a for a in self.attrs if a.name == name), None)
@@ -328,12 +352,208 @@ def _same(shapes, attrs):
     return shapes[0], attrs
 
 
-def _elementwise(name: str, doc: str, fn, attrs: tuple[Attr, ...] = (), cases=None) -> OpSchema:
+def _elementwise(name: str, doc: str, fn, derivative, attrs: tuple[Attr, ...] = (), cases=None,
+                 traits: frozenset[str] = frozenset()) -> OpSchema:
+    """A one-input op ``y = fn(x, attrs)`` whose gradient is ``dy * derivative(x, y, attrs)``."""
     return OpSchema(
         name=name, doc=doc, attrs=attrs, arity=1, infer=_same,
         reference=lambda xs, p, a, ctx: fn(xs[0], a),
+        backward=_pointwise_backward(derivative),
         cases=cases or ({"inputs": [(4, 5, 5)], "attrs": {}}, {"inputs": [(7,)], "attrs": {}}),
+        traits=traits,
     )
+
+
+# --------------------------------------------------------------------------- backward kernels
+#
+# ``backward(xs, p, a, y, dy, ctx) -> (dxs, dparams)``: ``xs`` the op's inputs, ``p`` its parameters
+# by local name, ``a`` its attributes, ``y`` its output, ``dy`` the gradient of the loss with respect
+# to ``y``; returns one gradient per input and per parameter (checked against finite differences
+# in the core tests).
+
+
+def conv2d_backward(x, w, dy, stride, pads, dilation, groups):
+    """Gradients (dx, dw) of conv2d_reference, by kernel taps as batched matmuls."""
+    N, C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    t, b, l, r = pads
+    (sh, sw), (dh, dw_) = stride, dilation
+    Ho, Wo = dy.shape[2:]
+    G, Og = groups, O // groups
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    dy_g = dy.reshape(N, G, Og, Ho * Wo).transpose(1, 2, 0, 3).reshape(G, Og, N * Ho * Wo)
+    w_g = w.reshape(G, Og, Cg, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            hs, ws = slice(i * dh, i * dh + sh * (Ho - 1) + 1, sh), slice(j * dw_, j * dw_ + sw * (Wo - 1) + 1, sw)
+            xs = xp[:, :, hs, ws].reshape(N, G, Cg, Ho * Wo).transpose(1, 0, 3, 2).reshape(G, N * Ho * Wo, Cg)
+            dw[:, :, i, j] = (dy_g @ xs).reshape(O, Cg)
+            dxs = w_g[:, :, :, i, j].transpose(0, 2, 1) @ dy_g  # G, Cg, N*Ho*Wo
+            dxp[:, :, hs, ws] += dxs.reshape(G, Cg, N, Ho, Wo).transpose(2, 0, 1, 3, 4).reshape(N, C, Ho, Wo)
+    return dxp[:, :, t : t + H, l : l + W], dw
+
+
+def _unbroadcast(g, shape):
+    while g.ndim > len(shape):
+        g = g.sum(axis=0)
+    for axis, n in enumerate(shape):
+        if n == 1 and g.shape[axis] != 1:
+            g = g.sum(axis=axis, keepdims=True)
+    return g
+
+
+
+
+def _conv_backward(xs, p, a, y, dy, ctx):
+    dx, dw = conv2d_backward(xs[0], p["weight"], dy, a["stride"], a["pad"], a["dilation"], a["groups"])
+    dp = {"weight": dw}
+    if "bias" in p:
+        dp["bias"] = dy.sum(axis=(0, 2, 3))
+    return [dx], dp
+
+
+def _linear_backward(xs, p, a, y, dy, ctx):
+    dp = {"weight": dy.T @ xs[0]}
+    if "bias" in p:
+        dp["bias"] = dy.sum(axis=0)
+    return [dy @ p["weight"]], dp
+
+
+def _bn_backward(xs, p, a, y, dy, ctx):
+    x = xs[0]
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+    gamma = p["weight"].reshape(shape) if "weight" in p else 1.0
+    if ctx.train:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    else:
+        mean, var = p["running_mean"], p["running_var"]
+    inv = 1.0 / np.sqrt(var.reshape(shape) + a["eps"])
+    xhat = (x - mean.reshape(shape)) * inv
+    dp = {}
+    if "weight" in p:
+        dp["weight"] = (dy * xhat).sum(axis=axes)
+    if "bias" in p:
+        dp["bias"] = dy.sum(axis=axes)
+    dxhat = dy * gamma
+    if ctx.train:
+        m = x.size / x.shape[1]
+        dx = inv / m * (m * dxhat - dxhat.sum(axis=axes, keepdims=True)
+                        - xhat * (dxhat * xhat).sum(axis=axes, keepdims=True))
+    else:
+        dx = dxhat * inv
+    return [dx], dp
+
+
+def _pointwise_backward(derivative: Callable):
+    return lambda xs, p, a, y, dy, ctx: ([dy * derivative(xs[0], y, a)], {})
+
+
+def _softmax_backward(xs, p, a, y, dy, ctx):
+    return [y * (dy - (dy * y).sum(axis=1, keepdims=True))], {}
+
+
+def _maxpool_backward(xs, p, a, y, dy, ctx):
+    x = xs[0]
+    N, C, H, W = x.shape
+    out_hw = dy.shape[2:]
+    xp = _pool_pad(x, a, out_hw, -np.inf)
+    (kh, kw), (sh, sw) = a["kernel"], a["stride"]
+    flat = _windows(xp, (kh, kw), (sh, sw), (1, 1), out_hw).reshape(N, C, *out_hw, kh * kw)
+    idx = flat.argmax(axis=-1)
+    for node, n_, c_, i_, j_ in ctx.flips:  # near-ties resolved the other way (see harness.conformance)
+        if node == ctx.node:
+            idx[n_, c_, i_, j_] = int(np.argsort(flat[n_, c_, i_, j_], kind="stable")[-2])
+    rows = np.arange(out_hw[0])[:, None] * sh + idx // kw
+    cols = np.arange(out_hw[1])[None, :] * sw + idx % kw
+    n = np.arange(N)[:, None, None, None]
+    c = np.arange(C)[None, :, None, None]
+    dxp = np.zeros_like(xp)
+    np.add.at(dxp, (n, c, rows, cols), dy)
+    t, _, l, _ = a["pad"]
+    return [dxp[:, :, t : t + H, l : l + W]], {}
+
+
+def _avgpool_backward(xs, p, a, y, dy, ctx):
+    x = xs[0]
+    H, W = x.shape[2:]
+    out_hw = dy.shape[2:]
+    g = dy / avgpool_divisor((H, W), a, out_hw)
+    dxp = np.zeros_like(_pool_pad(x, a, out_hw, 0.0))
+    (kh, kw), (sh, sw) = a["kernel"], a["stride"]
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i : i + sh * (out_hw[0] - 1) + 1 : sh, j : j + sw * (out_hw[1] - 1) + 1 : sw] += g
+    t, _, l, _ = a["pad"]
+    return [dxp[:, :, t : t + H, l : l + W]], {}
+
+
+def _adaptive_backward(xs, p, a, y, dy, ctx):
+    H, W = xs[0].shape[2:]
+    mh = adaptive_pool_matrix(H, a["output_size"][0])
+    mw = adaptive_pool_matrix(W, a["output_size"][1])
+    return [np.einsum("ncij,ih,jw->nchw", dy, mh, mw)], {}
+
+
+def _global_avgpool_backward(xs, p, a, y, dy, ctx):
+    H, W = xs[0].shape[2:]
+    return [np.broadcast_to(dy / (H * W), xs[0].shape).copy()], {}
+
+
+def _mask_backward(xs, p, a, y, dy, ctx):
+    if not ctx.train or not a["rate"]:
+        return [dy], {}
+    mask = np.asarray(ctx.masks[ctx.node], dtype=bool)
+    if mask.ndim == 1:  # drop_path: one decision per sample
+        mask = mask.reshape((-1,) + (1,) * (dy.ndim - 1))
+    return [dy * mask / (1.0 - a["rate"])], {}
+
+
+def _lrn_backward(xs, p, a, y, dy, ctx):
+    x = xs[0]
+    n, alpha, beta, k = a["size"], a["alpha"], a["beta"], a["k"]
+    before, after = n // 2, (n - 1) // 2
+    sq = np.pad(x * x, ((0, 0), (before, after), (0, 0), (0, 0)))
+    d = k + alpha * np.lib.stride_tricks.sliding_window_view(sq, n, axis=1).sum(axis=-1)
+    # channel j is in the window of channel c for c in [j - after, j + before]
+    t = np.pad(dy * x * d ** (-beta - 1), ((0, 0), (after, before), (0, 0), (0, 0)))
+    s = np.lib.stride_tricks.sliding_window_view(t, n, axis=1).sum(axis=-1)
+    return [dy * d ** (-beta) - 2 * alpha * beta * x * s], {}
+
+
+def _concat_backward(xs, p, a, y, dy, ctx):
+    bounds = np.cumsum([x.shape[1] for x in xs])[:-1]
+    return list(np.split(dy, bounds, axis=1)), {}
+
+
+def _mul_backward(xs, p, a, y, dy, ctx):
+    return [_unbroadcast(dy * xs[1], xs[0].shape), _unbroadcast(dy * xs[0], xs[1].shape)], {}
+
+
+def _shuffle_backward(xs, p, a, y, dy, ctx):
+    N, C, H, W = dy.shape
+    g = a["groups"]
+    return [dy.reshape(N, C // g, g, H, W).transpose(0, 2, 1, 3, 4).reshape(N, C, H, W)], {}
+
+
+def _split_backward(xs, p, a, y, dy, ctx):
+    dx = np.zeros_like(xs[0])
+    step = xs[0].shape[1] // a["parts"]
+    dx[:, a["index"] * step : (a["index"] + 1) * step] = dy
+    return [dx], {}
+
+
+def _zeropad_backward(xs, p, a, y, dy, ctx):
+    t, b, l, r = a["pad"]
+    H, W = xs[0].shape[2:]
+    return [dy[:, :, t : t + H, l : l + W]], {}
+
+
+def _hardswish_derivative(x, y, a):
+    return np.where(x <= -3, 0.0, np.where(x >= 3, 1.0, (2 * x + 3) / 6))
+
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -425,6 +645,8 @@ CONV2D = OpSchema(
     macs=_conv_macs,
     reference=lambda xs, p, a, ctx: conv2d_reference(
         xs[0], p["weight"], p.get("bias"), a["stride"], a["pad"], a["dilation"], a["groups"]),
+    backward=_conv_backward,
+    traits=frozenset({"weighted"}),
     cases=(
         {"id": "3x3_pad1", "inputs": [(3, 8, 8)], "attrs": {"out_channels": 4, "kernel": 3, "pad": 1}},
         {"id": "stride2_asym_pads", "inputs": [(3, 9, 8)],
@@ -467,6 +689,8 @@ LINEAR = OpSchema(
     ],
     macs=lambda s, out, a: s[0][0] * a["out_features"],
     reference=lambda xs, p, a, ctx: xs[0] @ p["weight"].T + (p["bias"] if "bias" in p else 0.0),
+    backward=_linear_backward,
+    traits=frozenset({"weighted"}),
     cases=(
         {"id": "basic", "inputs": [(12,)], "attrs": {"out_features": 5}},
         {"id": "no_bias", "inputs": [(7,)], "attrs": {"out_features": 3, "bias": False}},
@@ -533,6 +757,8 @@ BATCHNORM = OpSchema(
     infer=_bn_infer,
     params=_bn_params,
     reference=_bn_reference,
+    backward=_bn_backward,
+    traits=frozenset({"normaliser"}),
     cases=(
         {"id": "2d", "inputs": [(4, 5, 5)], "attrs": {}},
         {"id": "eps_1e-3", "inputs": [(3, 4, 4)], "attrs": {"eps": 1e-3}},
@@ -544,24 +770,41 @@ BATCHNORM = OpSchema(
 
 # --------------------------------------------------------------------------- activations
 
-RELU = _elementwise("relu", "max(x, 0)", lambda x, a: np.maximum(x, 0))
+RELU = _elementwise("relu", "max(x, 0)", lambda x, a: np.maximum(x, 0),
+                    lambda x, y, a: (x > 0).astype(x.dtype))
 RELU6 = _elementwise("relu6", "min(max(x, 0), 6)", lambda x, a: np.clip(x, 0, 6),
+                     lambda x, y, a: ((x > 0) & (x < 6)).astype(x.dtype),
                      cases=({"inputs": [(3, 4, 4)], "attrs": {}, "scale": 8.0},))
 LEAKY_RELU = _elementwise(
     "leaky_relu", "x if x >= 0 else negative_slope * x",
     lambda x, a: np.where(x >= 0, x, a["negative_slope"] * x),
+    lambda x, y, a: np.where(x > 0, 1.0, a["negative_slope"]),
     attrs=(Attr("negative_slope", "float", 0.01, "Slope for x < 0"),),
     cases=({"inputs": [(3, 4, 4)], "attrs": {}}, {"id": "slope0.2", "inputs": [(5,)], "attrs": {"negative_slope": 0.2}}),
 )
-SIGMOID = _elementwise("sigmoid", "1 / (1 + exp(-x))", lambda x, a: _sigmoid(x))
-TANH = _elementwise("tanh", "tanh(x)", lambda x, a: np.tanh(x))
+SIGMOID = _elementwise("sigmoid", "1 / (1 + exp(-x))", lambda x, a: _sigmoid(x), lambda x, y, a: y * (1 - y))
+TANH = _elementwise("tanh", "tanh(x)", lambda x, a: np.tanh(x), lambda x, y, a: 1 - y * y)
 HARDSIGMOID = _elementwise("hardsigmoid", "relu6(x + 3) / 6 (PyTorch and Keras 3; not TF1's 0.2x + 0.5)",
-                           lambda x, a: np.clip(x + 3, 0, 6) / 6,
+                           lambda x, a: np.clip(x + 3, 0, 6) / 6, lambda x, y, a: ((x > -3) & (x < 3)) / 6.0,
                            cases=({"inputs": [(3, 4, 4)], "attrs": {}, "scale": 6.0},))
 HARDSWISH = _elementwise("hardswish", "x * relu6(x + 3) / 6", lambda x, a: x * np.clip(x + 3, 0, 6) / 6,
-                         cases=({"inputs": [(3, 4, 4)], "attrs": {}, "scale": 6.0},))
-SILU = _elementwise("silu", "x * sigmoid(x) (swish)", lambda x, a: x * _sigmoid(x))
-IDENTITY = _elementwise("identity", "y = x", lambda x, a: x)
+                         _hardswish_derivative, cases=({"inputs": [(3, 4, 4)], "attrs": {}, "scale": 6.0},))
+SILU = _elementwise("silu", "x * sigmoid(x) (swish)", lambda x, a: x * _sigmoid(x),
+                    lambda x, y, a: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))))
+IDENTITY = _elementwise("identity", "y = x", lambda x, a: x, lambda x, y, a: 1.0, traits=frozenset({"passthrough"}))
+
+
+def _erf(x):
+    """Elementwise erf to float64 accuracy (math.erf; numpy has none)."""
+    return np.vectorize(math.erf, otypes=[np.float64])(x).astype(np.result_type(x, np.float32))
+
+
+GELU = _elementwise(
+    "gelu", "x * Phi(x) = x / 2 * (1 + erf(x / sqrt(2))), the exact form (not the tanh approximation)",
+    lambda x, a: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    lambda x, y, a: 0.5 * (1.0 + _erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi),
+    cases=({"inputs": [(4, 5, 5)], "attrs": {}, "scale": 3.0}, {"inputs": [(7,)], "attrs": {}}),
+)
 
 
 def _softmax_ref(x, a):
@@ -569,7 +812,11 @@ def _softmax_ref(x, a):
     return e / e.sum(axis=1, keepdims=True)
 
 
-SOFTMAX = _elementwise("softmax", "Softmax over the channel/feature axis", _softmax_ref)
+SOFTMAX = OpSchema(
+    name="softmax", doc="Softmax over the channel/feature axis", attrs=(), arity=1, infer=_same,
+    reference=lambda xs, p, a, ctx: _softmax_ref(xs[0], a), backward=_softmax_backward,
+    cases=({"inputs": [(4, 5, 5)], "attrs": {}}, {"inputs": [(7,)], "attrs": {}}),
+)
 
 # --------------------------------------------------------------------------- pooling
 
@@ -633,6 +880,8 @@ MAXPOOL2D = OpSchema(
     arity=1,
     infer=_pool_infer,
     reference=_maxpool_ref,
+    backward=_maxpool_backward,
+    traits=frozenset({"argmax"}),
     cases=(*_POOL_CASES,
            # all-negative input: zero padding instead of -inf would show at every border
            {"id": "negative_input_asym", "inputs": [(2, 6, 6)], "attrs": {"kernel": 2, "stride": 1, "pad": [1, 0, 1, 0]},
@@ -650,6 +899,7 @@ AVGPOOL2D = OpSchema(
     arity=1,
     infer=_pool_infer,
     reference=_avgpool_ref,
+    backward=_avgpool_backward,
     cases=(*_POOL_CASES,
            {"id": "exclude_pad", "inputs": [(2, 7, 7)],
             "attrs": {"kernel": 3, "stride": 1, "pad": 1, "count_include_pad": False}},
@@ -680,6 +930,7 @@ ADAPTIVE_AVGPOOL2D = OpSchema(
     arity=1,
     infer=_adaptive_infer,
     reference=_adaptive_ref,
+    backward=_adaptive_backward,
     cases=(
         {"id": "identity", "inputs": [(3, 6, 6)], "attrs": {"output_size": 6}},
         {"id": "down_uneven", "inputs": [(3, 7, 9)], "attrs": {"output_size": [3, 4]}},
@@ -694,6 +945,7 @@ GLOBAL_AVGPOOL = OpSchema(
     arity=1,
     infer=lambda s, a: (_rank(s, 3, "global_avgpool"), ((s[0][0], 1, 1), a))[1],
     reference=lambda xs, p, a, ctx: xs[0].mean(axis=(2, 3), keepdims=True),
+    backward=_global_avgpool_backward,
     cases=({"inputs": [(4, 5, 6)], "attrs": {}},),
 )
 
@@ -704,6 +956,7 @@ FLATTEN = OpSchema(
     arity=1,
     infer=lambda s, a: ((int(np.prod(s[0])),), a),
     reference=lambda xs, p, a, ctx: xs[0].reshape(xs[0].shape[0], -1),
+    backward=lambda xs, p, a, y, dy, ctx: ([dy.reshape(xs[0].shape)], {}),
     cases=({"inputs": [(3, 4, 5)], "attrs": {}}, {"id": "1x1", "inputs": [(6, 1, 1)], "attrs": {}}),
 )
 
@@ -733,6 +986,8 @@ DROPOUT = OpSchema(
     arity=1,
     infer=_same,
     reference=_dropout_ref,
+    backward=_mask_backward,
+    traits=frozenset({"stochastic", "train_only", "passthrough"}),
     cases=({"inputs": [(10,)], "attrs": {"rate": 0.5}},),
 )
 
@@ -745,6 +1000,8 @@ DROP_PATH = OpSchema(
     arity=1,
     infer=_same,
     reference=_drop_path_ref,
+    backward=_mask_backward,
+    traits=frozenset({"stochastic", "train_only", "passthrough", "scheduled_rate"}),
     cases=({"inputs": [(3, 4, 4)], "attrs": {"rate": 0.2}},),
 )
 
@@ -774,6 +1031,7 @@ LRN = OpSchema(
     arity=1,
     infer=lambda s, a: (_rank(s, 3, "lrn"), (s[0], a))[1],
     reference=_lrn_ref,
+    backward=_lrn_backward,
     cases=(
         {"id": "paper", "inputs": [(7, 4, 4)], "attrs": {}, "scale": 10.0},
         {"id": "size3_k1", "inputs": [(4, 3, 3)], "attrs": {"size": 3, "k": 1.0, "alpha": 0.01, "beta": 0.5},
@@ -817,6 +1075,7 @@ CONCAT = OpSchema(
     arity=-1,
     infer=_concat_infer,
     reference=lambda xs, p, a, ctx: np.concatenate(xs, axis=1),
+    backward=_concat_backward,
     cases=({"inputs": [(2, 4, 4), (3, 4, 4)], "attrs": {}},
            {"id": "three", "inputs": [(1, 3, 3), (2, 3, 3), (3, 3, 3)], "attrs": {}}),
 )
@@ -828,6 +1087,8 @@ ADD = OpSchema(
     arity=-1,
     infer=_add_infer,
     reference=lambda xs, p, a, ctx: sum(xs[1:], xs[0]),
+    backward=lambda xs, p, a, y, dy, ctx: ([dy] * len(xs), {}),
+    traits=frozenset({"residual_sum"}),
     cases=({"inputs": [(3, 4, 4), (3, 4, 4)], "attrs": {}},
            {"id": "three", "inputs": [(5,), (5,), (5,)], "attrs": {}}),
 )
@@ -840,6 +1101,7 @@ MUL = OpSchema(
     arity=2,
     infer=_mul_infer,
     reference=lambda xs, p, a, ctx: xs[0] * xs[1],
+    backward=_mul_backward,
     cases=({"id": "broadcast_se", "inputs": [(4, 5, 5), (4, 1, 1)], "attrs": {}},
            {"id": "broadcast_first", "inputs": [(4, 1, 1), (4, 3, 3)], "attrs": {}},
            {"id": "same", "inputs": [(3, 2, 2), (3, 2, 2)], "attrs": {}}),
@@ -847,8 +1109,10 @@ MUL = OpSchema(
 
 SCALE = _elementwise(
     "scale", "y = factor * x (Inception-ResNet residual scaling)", lambda x, a: x * a["factor"],
+    lambda x, y, a: a["factor"],
     attrs=(Attr("factor", "float", REQUIRED, "Constant multiplier"),),
     cases=({"inputs": [(3, 4, 4)], "attrs": {"factor": 0.17}},),
+    traits=frozenset({"passthrough"}),
 )
 
 # --------------------------------------------------------------------------- channel ops
@@ -890,6 +1154,7 @@ CHANNEL_SHUFFLE = OpSchema(
     arity=1,
     infer=_shuffle_infer,
     reference=_shuffle_ref,
+    backward=_shuffle_backward,
     cases=({"inputs": [(6, 3, 3)], "attrs": {"groups": 2}}, {"id": "g3", "inputs": [(6, 2, 2)], "attrs": {"groups": 3}}),
 )
 
@@ -901,6 +1166,7 @@ CHANNEL_SPLIT = OpSchema(
     arity=1,
     infer=_split_infer,
     reference=_split_ref,
+    backward=_split_backward,
     cases=({"id": "first", "inputs": [(6, 3, 3)], "attrs": {"index": 0}},
            {"id": "second", "inputs": [(6, 3, 3)], "attrs": {"index": 1}},
            {"id": "third_of_3", "inputs": [(6, 2, 2)], "attrs": {"parts": 3, "index": 2}}),
@@ -923,6 +1189,7 @@ ZEROPAD2D = OpSchema(
     arity=1,
     infer=_zeropad_infer,
     reference=lambda xs, p, a, ctx: np.pad(xs[0], ((0, 0), (0, 0), a["pad"][:2], a["pad"][2:])),
+    backward=_zeropad_backward,
     cases=({"inputs": [(2, 3, 3)], "attrs": {"pad": [0, 1, 0, 1]}},
            {"id": "sym", "inputs": [(2, 3, 4)], "attrs": {"pad": [2, 1]}}),
 )
@@ -934,20 +1201,33 @@ INPUT = OpSchema(
     arity=0,
     infer=lambda s, a: ((), a),
     reference=lambda xs, p, a, ctx: xs[0],
+    traits=frozenset({"internal"}),
 )
 
 OPS: dict[str, OpSchema] = {
     op.name: op
     for op in (
         CONV2D, LINEAR, BATCHNORM, RELU, RELU6, LEAKY_RELU, SIGMOID, TANH, HARDSWISH, HARDSIGMOID,
-        SILU, SOFTMAX, MAXPOOL2D, AVGPOOL2D, ADAPTIVE_AVGPOOL2D, GLOBAL_AVGPOOL, FLATTEN, DROPOUT,
+        SILU, GELU, SOFTMAX, MAXPOOL2D, AVGPOOL2D, ADAPTIVE_AVGPOOL2D, GLOBAL_AVGPOOL, FLATTEN, DROPOUT,
         DROP_PATH, LRN, CONCAT, ADD, MUL, SCALE, CHANNEL_SHUFFLE, CHANNEL_SPLIT, IDENTITY, ZEROPAD2D, INPUT,
     )
 }
 """The op table, by name; every op but ``input`` (the graph's entry) may appear in specs."""
 
-TRAIN_ONLY_OPS = frozenset({"dropout", "drop_path"})
-"""Ops that are the identity in eval mode."""
+INPUT_OP = INPUT.name
+"""The graph's entry node's op."""
+
+
+def ops_with(trait: str) -> frozenset[str]:
+    """Names of the ops carrying ``trait`` (one of TRAITS)."""
+    if trait not in TRAITS:
+        raise KeyError(f"unknown op trait '{trait}' (known: {', '.join(TRAITS)})")
+    return frozenset(name for name, op in OPS.items() if trait in op.traits)
+
+
+def spec_ops() -> list[str]:
+    """The ops a spec may use: every op but the internal ones; what every backend builds."""
+    return [name for name, op in OPS.items() if "internal" not in op.traits]
 
 
 def resolve_attrs(op: OpSchema, raw: dict) -> dict:

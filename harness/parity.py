@@ -61,7 +61,7 @@ def _forward(b, model: str) -> dict:
             "fwd_worst_ratio": float((err / (ATOL + RTOL * np.abs(want))).max())}
 
 
-def _train(b, model: str, cls) -> dict:
+def _train(b, model: str, info) -> dict:
     """Training-step figures against the closest oracle trajectory.
 
     Order of cost: the oracle's enumerated trajectories first; if none matches, numpy's
@@ -72,7 +72,7 @@ def _train(b, model: str, cls) -> dict:
     """
     from .conformance import fp32_floor, fp32_loss_floor, model_training_case, run_training_case
 
-    c = model_training_case(model, bn_unbiased=cls.bn_variance == "unbiased")
+    c = model_training_case(model, bn_unbiased=info.bn_variance == "unbiased")
     start, losses, weights = run_training_case(b, c)
     enumerated = 1 + len(c.flip_sets())
     best = None
@@ -132,7 +132,7 @@ def fp64_check(backend, case) -> dict | None:
     """
     from .conformance import run_training_case, worst_step_error
 
-    if not type(backend).verifies_fp64:
+    if not backend.info.capabilities.fp64:
         return None
     start, losses, weights = run_training_case(_Float64(backend), case)
     best = None
@@ -228,24 +228,23 @@ def child(config: dict, out_dir: Path) -> int:
     from . import backend as registry
     from .cell import classify_error
 
-    cls = registry.get(config["backend"])
-    probe = cls()
-    probe.import_framework()
+    info = registry.get(config["backend"])
+    probe = info.create()
     probe.configure(config["threads"], True)
     version = probe.version()
+    lacking = info.capabilities.lacks("train") if config["train"] else None
     for model in config["models"]:
-        row = {"backend": cls.name, "model": model, "framework_version": version, "row_version": ROW_VERSION}
+        row = {"backend": info.name, "model": model, "framework_version": version, "row_version": ROW_VERSION}
         start = time.perf_counter()
         try:
             if config["forward"]:
-                b = cls()
-                b.import_framework()
-                row.update(_forward(b, model))
-            if config["train"]:
-                b = cls()
-                b.import_framework()
-                row.update(_train(b, model, cls))
+                row.update(_forward(info.create(), model))
+            if config["train"] and not lacking:
+                row.update(_train(info.create(), model, info))
             row["status"], row["reason"] = verdict(row)
+            if lacking and row["status"] == "pass":
+                row["train_skipped"] = lacking
+                row["reason"] = f"forward only: {lacking}"
         except Exception as exc:  # noqa: BLE001  (each model is its own row)
             row["status"] = classify_error(exc)
             row["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
@@ -323,8 +322,8 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
 def _gap(backend: str, model: str) -> str | None:
     from . import backend as registry
 
-    cls = registry.get(backend)
-    return cls.gap_reason(f"model:{model}") or cls.gap_reason(f"train:{model}")
+    info = registry.get(backend)
+    return info.gap_reason(f"model:{model}") or info.gap_reason(f"train:{model}")
 
 
 def main(argv: list[str]) -> int:

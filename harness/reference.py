@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .graph import schedule
 from .ir import IR, Node
 from .ops import OPS, RefContext
 
@@ -35,29 +36,24 @@ def iterate(ir: IR, params: dict[str, np.ndarray], x: np.ndarray, ctx: RefContex
     ``hook(node, inputs, out)`` may change ``params`` and return None to have the node run again.
     """
     ctx = ctx or RefContext()
-    last = ir.last_use(ctx.train)
-    env: dict[str, np.ndarray] = {}
-    for i, node in enumerate(ir.nodes):
-        if node.train_only and not ctx.train:
-            continue
-        if node.op == "input":
-            out = np.asarray(x, dtype=dtype)
-            if out.shape[1:] != tuple(node.shape):
-                raise ValueError(f"input shape {out.shape[1:]} != {node.shape}")
-            inputs = []
-        else:
-            inputs = [env[s] for s in node.inputs]
+    plan = schedule(ir, ctx.train)
+    values: list = [None] * plan.size
+    entry = ir.nodes[0]
+    values[0] = np.asarray(x, dtype=dtype)
+    if values[0].shape[1:] != tuple(entry.shape):
+        raise ValueError(f"input shape {values[0].shape[1:]} != {entry.shape}")
+    yield entry, values[0]
+    for step in plan.steps:
+        node = ir.nodes[step.index]
+        inputs = [values[j] for j in step.inputs]
+        out = _run(node, inputs, params, ctx, dtype)
+        if hook is not None and hook(node, inputs, out) is None:
             out = _run(node, inputs, params, ctx, dtype)
-            if hook is not None:
-                changed = hook(node, inputs, out)
-                if changed is None:
-                    out = _run(node, inputs, params, ctx, dtype)
-        env[node.name] = out
+        values[step.index] = out
         yield node, out
         if not keep:
-            for src in node.inputs:
-                if last.get(src) == i:
-                    env.pop(src, None)
+            for j in step.free:
+                values[j] = None
 
 
 def _run(node: Node, inputs, params, ctx: RefContext, dtype) -> np.ndarray:

@@ -77,17 +77,20 @@ def run(config: TrainConfig, data_path: Path, row: dict) -> None:
     from . import zoo
     from .backend import BuildConfig, Optimizer
     from .datasets import Dataset, batches
+    from .errors import UnsupportedError
     from .init import init_weights
 
-    cls = registry.get(config.backend)
-    b = cls()
-    b.import_framework()
+    info = registry.get(config.backend)
+    for needed in ("train", "set_lr"):
+        if not getattr(info.capabilities, needed):
+            raise UnsupportedError(f"backend {info.name}: training on data needs the {needed} capability")
+    b = info.create()
     row["framework_version"] = b.version()
     row["settings"] = b.configure(config.threads, True)
     ds = Dataset.load(data_path)
     ir = zoo.load(config.model, overrides=config.overrides or None)
     opt = Optimizer(config.lr_at(0), config.momentum, config.weight_decay)
-    b.build(ir, cls.resolve_config(BuildConfig(config.device, "fp32", config.exec_mode, {}, opt)))
+    b.build(ir, info.resolve_config(BuildConfig(config.device, "fp32", config.exec_mode, {}, opt)))
     b.set_weights(init_weights(ir, config.seed))
     row.update(spec_hash=ir.fingerprint(), epochs_done=0, epoch=[], train_loss=[], test_loss=[], test_acc=[],
                lr=[], train_time_s=[], step_loss=[])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backends.torch_backend import TorchBackend
+from backends.torch import INFO
 from harness import zoo
 from harness.backend import BuildConfig, Optimizer
 from harness.cell import weights_for
@@ -17,12 +17,11 @@ from harness.data import synthetic_batch
 
 
 def setup(cell):
-    b = TorchBackend()
-    b.import_framework()
+    b = INFO.create()
     b.configure(cell.threads, cell.cpu_settings == "tuned")
     ir = zoo.load(cell.model, cell.input)
-    config = TorchBackend.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
-                                                     Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
+    config = INFO.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
+                                             Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
     b.build(ir, config)
     b.set_weights(weights_for(ir, cell.seed))
     model = b.model

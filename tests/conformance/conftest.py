@@ -2,7 +2,9 @@
 
 A named backend that is not installed is an error, not a skip. Without ``--backend`` (the
 framework-free core env) the suite is skipped as a whole. Known gaps come from the backend's
-``known_gaps`` data and become strict xfails with the backend's reason.
+``known_gaps`` data and become strict xfails with the backend's reason; a test of something
+the backend does not declare in its capabilities (training, fixed masks, set_lr, a float64
+build) is skipped with that reason: an inference-only backend is a supported shape.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ _instances: dict[str, object] = {}
 
 def pytest_configure(config):
     for name in config.getoption("--backend"):
-        cls = registry.get(name)
-        if not cls.available():
-            raise pytest.UsageError(f"--backend {name}: framework '{cls.framework}' is not installed in this env")
+        info = registry.get(name)
+        if not info.available():
+            raise pytest.UsageError(f"--backend {name}: framework '{info.framework}' is not installed in this env")
 
 
 def pytest_generate_tests(metafunc):
@@ -35,34 +37,39 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
-def backend_cls(backend_name):
-    cls = registry.get(backend_name)
+def backend_info(backend_name):
+    info = registry.get(backend_name)
     if backend_name not in _instances:
-        probe = cls()
-        probe.import_framework()
+        probe = info.create()
         probe.configure(registry.default_threads(), tuned=True)
         _instances[backend_name] = probe
-    return cls
+    return info
 
 
 @pytest.fixture
-def new_backend(backend_cls):
+def new_backend(backend_info):
     """Makes a fresh backend instance (framework already imported)."""
-
-    def make():
-        b = backend_cls()
-        b.import_framework()
-        return b
-
-    return make
+    return backend_info.create
 
 
 @pytest.fixture
-def known_gap(request, backend_cls):
+def requires(backend_info):
+    """Call with capability names; skips the test when the backend does not declare one."""
+
+    def check(*capabilities: str) -> None:
+        for name in capabilities:
+            if not getattr(backend_info.capabilities, name):
+                pytest.skip(f"backend {backend_info.name} does not declare the {name} capability")
+
+    return check
+
+
+@pytest.fixture
+def known_gap(request, backend_info):
     """Call with the conformance id; marks the test as a strict xfail if the backend lists it."""
 
     def check(test_id: str) -> None:
-        reason = backend_cls.gap_reason(test_id)
+        reason = backend_info.gap_reason(test_id)
         if reason:
             request.node.add_marker(pytest.mark.xfail(reason=f"known gap: {reason}", strict=True))
 

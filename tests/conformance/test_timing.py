@@ -70,8 +70,9 @@ def fastest_in_turn(first, second, samples: int = 5) -> tuple[float, float]:
     return min(a for a, _ in times), min(b for _, b in times)
 
 
-def test_timed_step_includes_the_computation(new_backend):
+def test_timed_step_includes_the_computation(new_backend, requires):
     mode = "infer"
+    requires("infer")
     small_backend, large_backend = new_backend(), new_backend()
     small_step = prepared_step(small_backend, mode, SMALL_BATCH)
     large_step = prepared_step(large_backend, mode, LARGE_BATCH)
@@ -80,7 +81,8 @@ def test_timed_step_includes_the_computation(new_backend):
                                f"per {mode} step (fastest of 5): the timed step does not wait for the computation")
 
 
-def test_timed_train_step_leaves_nothing_to_wait_for(new_backend):
+def test_timed_train_step_leaves_nothing_to_wait_for(new_backend, requires):
+    requires("train")
     backend = new_backend()
     train_step = prepared_step(backend, "train")
     synced, read = fastest_in_turn(lambda: timed(backend, train_step), lambda: timed(backend, train_step, True))

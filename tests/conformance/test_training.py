@@ -24,15 +24,18 @@ from harness.parity import fp64_bound_reason, fp64_check
 CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
 
 
-def check(backend, case):
+def check(backend, case, requires):
     """Two backend steps; they must match the oracle's trajectory or an alternative one
     (each resolution of its near-ties; then, as in ``samenet parity``, only for a miss that is
-    not fp32-bound, the one through the backend's own).
+    not fp32-bound, the one through the backend's own). A case with dropout masks needs the
+    backend's ``masks`` capability.
 
     A miss in the weights alone, within FP32_FACTOR of numpy's own float32 error, is an xfail
     (``fp32-bound``, see harness.conformance): reported with its figures, not passed; so is
     one whose float64 build matches the oracle (harness.parity.fp64_check).
     """
+    if case.masks:
+        requires("masks")
     start, losses, weights = run_training_case(backend, case)
     failures, seen = [], []
 
@@ -80,35 +83,37 @@ def check(backend, case):
 
 
 @pytest.mark.parametrize("test_id, op, case", CASES, ids=[c[0] for c in CASES])
-def test_op_training_step(backend_cls, new_backend, known_gap, test_id, op, case):
+def test_op_training_step(backend_info, new_backend, known_gap, requires, test_id, op, case):
+    requires("train")
     known_gap("train:" + test_id)
-    unbiased = backend_cls.bn_variance == "unbiased"
-    check(new_backend(), op_training_case(op, case, bn_unbiased=unbiased))
+    unbiased = backend_info.bn_variance == "unbiased"
+    check(new_backend(), op_training_case(op, case, bn_unbiased=unbiased), requires)
 
 
-def test_model_training_step(backend_cls, new_backend, known_gap, training_model):
+def test_model_training_step(backend_info, new_backend, known_gap, requires, training_model):
+    requires("train")
     known_gap(f"train:{training_model}")
-    unbiased = backend_cls.bn_variance == "unbiased"
-    check(new_backend(), model_training_case(training_model, bn_unbiased=unbiased))
+    unbiased = backend_info.bn_variance == "unbiased"
+    check(new_backend(), model_training_case(training_model, bn_unbiased=unbiased), requires)
 
 
-def test_float64_build_matches_the_oracle(backend_cls, new_backend):
+def test_float64_build_matches_the_oracle(backend_info, new_backend, requires):
     """The float64 build behind parity's rounding proof is float64 throughout.
 
     Step 2's loss comes from step 1's update, so float32 anywhere in the forward or backward
     would move it by 1e-9 or more; float64 leaves 1e-14 (Paddle) to 1e-16 (PyTorch). The
     weights are compared as float32 (the oracle stores them so), which leaves ~0.03x."""
-    if not backend_cls.verifies_fp64:
-        pytest.skip(f"{backend_cls.name} has no float64 verification build")
-    case = model_training_case("mobilenet_v2", bn_unbiased=backend_cls.bn_variance == "unbiased")
+    requires("train", "fp64")
+    case = model_training_case("mobilenet_v2", bn_unbiased=backend_info.bn_variance == "unbiased")
     out = fp64_check(new_backend(), case)
     assert out["fp64_loss_rel_diff"] < 1e-12 and out["fp64_worst_ratio"] < 0.1, out
 
 
-def test_set_lr_changes_later_steps(backend_cls, new_backend):
+def test_set_lr_changes_later_steps(backend_info, new_backend, requires):
     """Schedules: set_lr before the first step and between steps takes effect (no stale trace)."""
+    requires("train", "set_lr")
     op, case = next((op, c) for _, op, c in CASES if op == "conv2d")
-    oracle = op_training_case(op, case, bn_unbiased=backend_cls.bn_variance == "unbiased")
+    oracle = op_training_case(op, case, bn_unbiased=backend_info.bn_variance == "unbiased")
     backend = new_backend()
     opt = oracle.optimizer
     backend.build(oracle.ir, BuildConfig(optimizer=type(opt)(opt.lr * 10, opt.momentum, opt.weight_decay)))

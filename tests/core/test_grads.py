@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import conformance, grads, init, reference, zoo
+from harness import conformance, grads, init, probe, reference, zoo
 from harness.backend import Optimizer
-from harness.ops import RefContext
+from harness.ops import OPS, RefContext
 
 CASES = conformance.op_case_ids()
 
@@ -28,7 +28,7 @@ def _loss_and_grads(ir, params, x, masks, r):
 def test_backward_matches_finite_differences(test_id, op, case):
     ir = conformance.op_case_ir(op, case)
     rng = np.random.default_rng(7)
-    params = {k: v.astype(np.float64) for k, v in init.probe_weights(ir, 0, batch_size=4).items()}
+    params = {k: v.astype(np.float64) for k, v in probe.probe_weights(ir, 0, batch_size=4).items()}
     x = rng.standard_normal((2, *ir.input_shape)) * case.get("scale", 1.0) + case.get("shift", 0.0)
     out_shape = (2, *ir.output_shape)
     r = rng.standard_normal(out_shape)
@@ -44,7 +44,7 @@ def test_backward_matches_finite_differences(test_id, op, case):
             continue
         local = {n.rsplit(".", 1)[1]: params[n] for n in node.params}
         ctx.node = node.name
-        dxs, dps = grads.BACKWARD[node.op]([acts[s] for s in node.inputs], local, node.attrs, acts[node.name],
+        dxs, dps = OPS[node.op].backward([acts[s] for s in node.inputs], local, node.attrs, acts[node.name],
                                             dacts.pop(node.name), ctx)
         for s, dx in zip(node.inputs, dxs):
             dacts[s] = dacts.get(s, 0) + dx
@@ -102,7 +102,7 @@ def test_sgd_update_follows_the_written_rule():
 
 def test_train_step_on_a_network_with_aux_heads_and_dropout():
     ir = zoo.load_for_test("googlenet_aux")
-    w = init.probe_weights(ir, 0, batch_size=4)
+    w = probe.probe_weights(ir, 0, batch_size=4)
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((2, *ir.input_shape)), rng.integers(0, 1000, 2)
     step = grads.train_step(ir, w, x, y, Optimizer(lr=0.1))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from harness import init, zoo
+from harness import init, probe, zoo
 from harness.errors import SpecError
 from harness.init import check_initializer, draw, stream
 
@@ -95,7 +95,7 @@ def test_probe_weights_keep_activations_near_unit_scale():
     from harness import reference
 
     ir = zoo.load_for_test("resnet50")
-    w = init.probe_weights(ir, 0)
+    w = probe.probe_weights(ir, 0)
     x = np.random.default_rng(5).standard_normal((2, *ir.input_shape))
     out = reference.run(ir, w, x).outputs[0]
     assert 0.5 < out.std() < 2

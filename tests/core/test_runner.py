@@ -19,9 +19,8 @@ from harness.results import Store, load
 from harness.runner import python_for, run_cell, sweep
 
 HERE = Path(__file__).resolve().parent
-FAKES = ",".join(f"{n}=fake_backends:{c}" for n, c in
-                 [("segfault", "Segfault"), ("hang", "Hang"), ("oom", "Oom"), ("killed", "Killed"),
-                  ("exits", "Exits"), ("slow", "Slow")])
+FAKES = ",".join(f"{n}=fake_backends:INFO_{n.upper().replace('-', '_')}"
+                 for n in ("segfault", "hang", "oom", "killed", "exits", "slow", "infer-only"))
 
 
 @pytest.fixture(autouse=True)
@@ -161,10 +160,7 @@ def test_bad_run_options_are_one_line(argv, message, capsys, tmp_path):
 
 
 def test_backend_without_framework_or_env(monkeypatch):
-    monkeypatch.setenv("SAMENET_BACKENDS", "ghost=fake_backends:Segfault")
-    import fake_backends
-
-    monkeypatch.setattr(fake_backends.Segfault, "framework", "no_such_framework_xyz")
+    monkeypatch.setenv("SAMENET_BACKENDS", "ghost=fake_backends:INFO_GHOST")
     with pytest.raises(UsageError, match="no .tox/ghost env"):
         python_for("ghost")
 

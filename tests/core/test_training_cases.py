@@ -3,7 +3,7 @@
 import numpy as np
 
 from harness import conformance
-from harness import init
+from harness import init, probe
 from harness.conformance import TRAIN_STEPS, _oracle, model_training_case
 from harness.ir import build_ir
 
@@ -16,7 +16,7 @@ def _maxpool_case():
         {"op": "flatten", "name": "logits"}]}, "test")
     x = np.random.default_rng(0).normal(size=(4, 2, 6, 6)).astype(np.float32)
     y = np.arange(4)
-    return _oracle("conv_pool", ir, init.probe_weights(ir, 0), x, y, 0, True)
+    return _oracle("conv_pool", ir, probe.probe_weights(ir, 0), x, y, 0, True)
 
 
 def test_alternatives_are_computed_only_when_asked_for_and_differ_where_flipped():

@@ -10,28 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 from harness import grads, reference
-from harness.backend import Backend, BuildConfig, split_device
-from harness.errors import UnsupportedError
+from harness.backend import Backend, BuildConfig
 
 
 class NumpyBackend(Backend):
-    name = "numpy"
-    framework = "numpy"
-    distribution = "numpy"
-    exec_modes = ("eager",)
-    reference = True
+    """Forward: harness.reference; training: harness.grads (both float32 here).
 
-    def import_framework(self) -> None:
-        pass
+    It has no builder table: it runs the op table's own numpy forward and backward.
+    """
 
     def version(self) -> str:
         return np.__version__
 
     def build(self, ir, config: BuildConfig) -> None:
-        if split_device(config.device)[0] != "cpu":
-            raise UnsupportedError("numpy runs on the CPU only")
-        if config.precision != "fp32":
-            raise UnsupportedError(f"numpy backend: precision {config.precision} not supported")
         self.ir = ir
         self.optimizer = config.optimizer
         self.weights = {p: np.zeros(q.shape, np.float32) for p, q in ir.params.items()}
