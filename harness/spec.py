@@ -85,8 +85,64 @@ class Expansion:
 
 
 def read_document(path: str | Path) -> dict:
-    """Reads and schema-checks a spec file; raises SpecError with a JSON path."""
+    """Reads a spec file, resolves ``extends`` and schema-checks the result.
+
+    Raises:
+        SpecError: with the file and a JSON path.
+    """
     path = Path(path)
+    doc = resolve_extends(_read_json(path), path, ())
+    validate_document(doc, str(path))
+    return doc
+
+
+NOT_INHERITED = ("name", "aliases", "extends", "$schema")
+"""Top-level keys a spec never takes from the spec it extends."""
+MERGED_BY_KEY = ("args", "blocks")
+"""Top-level objects merged key by key (the extending spec's entries win); ``defaults`` is
+merged per op and then per attribute. Every other key is replaced whole."""
+
+
+def resolve_extends(doc: Any, path: Path, seen: tuple[Path, ...]) -> Any:
+    """The document with its ``extends`` chain applied (a family member over its base).
+
+    ``"extends": "resnet50"`` names a spec file in the same folder (``resnet50.json``, or a
+    relative path ending in ``.json``). The result keeps ``extends`` as provenance.
+    """
+    if not isinstance(doc, dict) or "extends" not in doc:
+        return doc
+    file, base_ref = str(path), doc["extends"]
+    if not isinstance(base_ref, str) or not base_ref:
+        raise SpecError(f"extends names a spec file in the same folder, got {base_ref!r}", file=file, path="$.extends")
+    base_path = path.parent / (base_ref if base_ref.endswith(".json") else f"{base_ref}.json")
+    chain = (*seen, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(p.stem for p in (*chain, base_path.resolve()))
+        raise SpecError(f"extends cycle: {names}", file=file, path="$.extends")
+    if not base_path.is_file():
+        raise SpecError(f"extends '{base_ref}': no spec file {base_path}", file=file, path="$.extends")
+    try:
+        base = resolve_extends(_read_json(base_path), base_path, chain)
+    except SpecError as e:
+        raise SpecError(f"extends '{base_ref}': {e}", file=file, path="$.extends") from None
+    if not isinstance(base, dict):
+        raise SpecError(f"extends '{base_ref}': the base is not a spec object", file=file, path="$.extends")
+    merged = {k: copy.deepcopy(v) for k, v in base.items() if k not in NOT_INHERITED}
+    for key, value in doc.items():
+        if key in MERGED_BY_KEY and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        elif key == "defaults" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            defaults = dict(merged[key])
+            for op, attrs in value.items():
+                before = defaults.get(op)
+                defaults[op] = {**before, **attrs} if isinstance(before, dict) and isinstance(attrs, dict) else attrs
+            merged[key] = defaults
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_json(path: Path) -> Any:
     file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -100,7 +156,6 @@ def read_document(path: str | Path) -> dict:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=file) from None
-    validate_document(doc, file)
     return doc
 
 

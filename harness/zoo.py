@@ -82,8 +82,9 @@ def load(model: str, input_shape: tuple[int, ...] | None = None, overrides: dict
         check: Compare counts with the spec's ``expect`` (only at the default input and args).
     """
     doc, file = document(model)
-    if doc["name"] != Path(file).stem and model in _index():
-        raise SpecError(f"name '{doc['name']}' differs from the file name '{Path(file).stem}'", file=file, path="$.name")
+    if doc["name"] != Path(file).stem:
+        raise SpecError(f"name '{doc['name']}' differs from the file name '{Path(file).stem}': rename one of them "
+                        "(the registry finds a spec by its file name)", file=file, path="$.name")
     ir = build_ir(doc, file, input_shape, overrides)
     if check and input_shape in (None, tuple(doc["input"])) and not overrides:
         check_expected(ir)

@@ -268,3 +268,51 @@ def test_validate_skips_the_schema_file(capsys):
 
     assert main(["validate", str(SCHEMA_PATH)]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- names, families, initialisers
+
+
+def test_name_must_match_the_file_name(write_spec, capsys):
+    path = write_spec(tiny(), name="copied.json")
+    rc, lines = run_validate(path, capsys)
+    assert_one_line(rc, lines, path, "$.name", "name 'tiny' differs from the file name 'copied'", "rename")
+
+
+def test_kaiming_has_no_fan_avg(write_spec, capsys):
+    layers = tiny()["layers"]
+    layers[0]["init"] = {"weight": {"kind": "kaiming_normal", "mode": "fan_avg"}}
+    path = write_spec(tiny(layers=layers))
+    rc, lines = run_validate(path, capsys)
+    assert_one_line(rc, lines, path, "$.layers[0].init.weight", "kaiming_normal argument 'mode' must be one of",
+                    "fan_avg")
+
+
+def test_a_family_member_extends_its_base(write_spec, capsys):
+    write_spec(tiny(args={"width": 4}, layers=[
+        {"op": "conv2d", "name": "conv", "out_channels": "$width", "kernel": 3, "pad": 1},
+        {"op": "global_avgpool", "name": "gap"}, {"op": "flatten", "name": "flat"},
+        {"op": "linear", "name": "fc", "out_features": 2}], aliases=["tiny_alias"]))
+    wide = write_spec({"extends": "tiny", "name": "wide", "title": "wide", "args": {"width": 8},
+                       "expect": {"params": 242, "gmacs": 1.38e-5}}, name="wide.json")
+    assert main(["validate", str(wide)]) == 0, capsys.readouterr().err
+    assert "ok (wide: 242 params" in capsys.readouterr().out
+    from harness.spec import read_document
+
+    doc = read_document(wide)
+    assert doc["extends"] == "tiny" and "aliases" not in doc and doc["paper"] == "none"
+
+
+@pytest.mark.parametrize("extends, reason", [
+    ("nothere", "extends 'nothere': no spec file"),
+    ("loop", "extends 'loop': "),
+    (7, "extends names a spec file in the same folder, got 7"),
+])
+def test_bad_extends_is_one_line(write_spec, capsys, extends, reason):
+    write_spec({"extends": "loop2", "name": "loop"}, name="loop.json")
+    write_spec({"extends": "loop", "name": "loop2"}, name="loop2.json")
+    path = write_spec({**tiny(name="child"), "extends": extends}, name="child.json")
+    rc, lines = run_validate(path, capsys)
+    assert_one_line(rc, lines, path, "$.extends", reason)
+    if extends == "loop":
+        assert "extends cycle: child -> loop -> loop2 -> loop" in lines[0]
