@@ -234,7 +234,7 @@ def test_test_input_that_changes_params(write_spec, capsys):
 
 
 def test_several_files_all_reported(write_spec, tmp_path, capsys):
-    good = write_spec(tiny(), "good.json")
+    good = write_spec(tiny(name="good"), "good.json")
     rc = main(["validate", str(good), str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     out = capsys.readouterr()
     assert rc == 2
