@@ -370,7 +370,12 @@ def get(name: str) -> BackendInfo:
     if name not in reg:
         raise UsageError(f"unknown backend '{name}' (known: {', '.join(reg)})")
     module, _, attr = reg[name].partition(":")
-    info = getattr(importlib.import_module(module), attr or "INFO")
+    try:
+        info = getattr(importlib.import_module(module), attr or "INFO")
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"backend '{name}' is registered as {reg[name]}, which cannot be loaded: {e}") from None
+    if not isinstance(info, BackendInfo):
+        raise UsageError(f"backend '{name}' is registered as {reg[name]}, which is not a BackendInfo")
     if info.name != name:
         raise UsageError(f"backend '{name}' is registered as {reg[name]}, whose name is '{info.name}'")
     return info

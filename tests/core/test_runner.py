@@ -176,3 +176,24 @@ def test_all_backends_are_the_frameworks_not_the_numpy_reference():
     assert backends == set(registry.framework_names()) >= {"torch", "tf", "mxnet", "paddle", "mindspore"}
     args = build_parser().parse_args(["run", "--backends", "numpy", "--models", "lenet5"])
     assert {cell.backend for cell in cells_from_args(args)} == {"numpy"}  # still there by name
+
+
+def test_inference_only_backend_measures_infer_and_declines_train():
+    infer = run_cell(cell(backend="infer-only"), sys.executable, timeout=120)
+    assert infer["status"] == "ok", infer.get("error_detail") or infer.get("log_tail")
+    train = run_cell(cell(backend="infer-only", mode="train"), sys.executable, timeout=120)
+    assert train["status"] == "unsupported" and "no training (inference-only backend)" in train["error"], train
+
+
+def test_conformance_suite_accepts_an_inference_only_backend():
+    """Its training tests skip on the declared capability; forward tests run and pass."""
+    env = {**os.environ, "SAMENET_BACKENDS": FAKES}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    selected = "relu or set_lr or float64"
+    out = subprocess.run([sys.executable, "-m", "pytest", "tests/conformance", "--backend", "infer-only", "-q",
+                          "-rs", "-p", "no:cacheprovider", "-k", selected, "--training-models", "lenet5"],
+                         capture_output=True, text=True, cwd=HERE.parents[1], env=env, timeout=600)
+    summary = out.stdout.strip().splitlines()[-1]
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "failed" not in summary and "xfail" not in summary and " passed" in summary and " skipped" in summary
+    assert "does not declare the train capability" in out.stdout
