@@ -1,8 +1,9 @@
 """One measurement cell, run in its own process: ``python -m harness.cell CONFIG.json ROW.json``.
 
-The protocol (DESIGN.md, "Measurement protocol"):
+The protocol (README, "Measuring"):
 
-1. import the framework (timed: ``import_s``); RSS after import is the memory baseline;
+1. import the backend's implementation and its framework (timed: ``import_s``); RSS after
+   import is the memory baseline; a mode its capabilities lack is an ``unsupported`` row;
 2. load the IR, canonical weights (seeded, cached on disk) and a seeded synthetic batch, all
    before any timing of steps; build the model (``build_s``), load weights (``weights_s``),
    move the batch to the device (``to_device_s``);

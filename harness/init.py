@@ -20,7 +20,8 @@ uniform           U(``low``, ``high``)
 normal            N(``mean``=0, ``std``)
 truncated_normal  N(``mean``=0, ``std``) redrawn outside [``a``, ``b``] (default mean +- 2 std)
 kaiming_uniform   U(-g sqrt(3/fan), +): g from ``nonlinearity`` (relu, leaky_relu with ``a``,
-                  linear), fan from ``mode`` (fan_in, fan_out); PyTorch's default for conv
+                  linear, sigmoid, tanh), fan from ``mode`` (fan_in or fan_out only: an
+                  argument the kind would ignore is an error); PyTorch's default for conv
                   and linear weights is ``a = sqrt(5)``, i.e. U(-1/sqrt(fan_in), +)
 kaiming_normal    N(0, g / sqrt(fan)), same arguments
 glorot_uniform    U(-sqrt(6 / (fan_in + fan_out)), +) (Keras' default kernel initializer)
