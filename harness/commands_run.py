@@ -74,7 +74,9 @@ def _configure(p):
 
 def cells_from_args(args) -> list[Cell]:
     known = registry.names()
-    backends = parse_list(args.backends, "--backends", known, registry.framework_names())
+    # Loading every backend's metadata for "all" only: a broken one must not stop a run of others.
+    everything = registry.framework_names() if args.backends.strip() == "all" else None
+    backends = parse_list(args.backends, "--backends", known, everything)
     models = parse_list(args.models or QUICK["models"], "--models", None, zoo.names())
     for m in models:
         zoo.path_of(m)  # unknown model: one-line error now, not one failed row per cell
