@@ -196,6 +196,9 @@ def check_initializer(value: Any) -> dict:
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
             raise SpecError(f"initializer {kind} argument '{key}' must be a number, got {v!r}")
         out[key] = v
+    if kind.startswith("kaiming_") and "a" in out and out.get("nonlinearity", defaults["nonlinearity"]) != "leaky_relu":
+        raise SpecError(f"initializer {kind} argument 'a' applies to nonlinearity leaky_relu only, "
+                        f"not {out['nonlinearity']}: drop it")
     for key, d in defaults.items():
         if key not in out:
             if d is None and not (kind == "truncated_normal" and key in ("a", "b")):

@@ -316,3 +316,11 @@ def test_bad_extends_is_one_line(write_spec, capsys, extends, reason):
     assert_one_line(rc, lines, path, "$.extends", reason)
     if extends == "loop":
         assert "extends cycle: child -> loop -> loop2 -> loop" in lines[0]
+
+
+def test_an_initializer_argument_the_kind_ignores_is_an_error(write_spec, capsys):
+    layers = tiny()["layers"]
+    layers[0]["init"] = {"weight": {"kind": "kaiming_uniform", "a": 0.2, "nonlinearity": "relu"}}
+    path = write_spec(tiny(layers=layers))
+    rc, lines = run_validate(path, capsys)
+    assert_one_line(rc, lines, path, "$.layers[0].init.weight", "argument 'a' applies to nonlinearity leaky_relu only")
