@@ -211,7 +211,8 @@ def parity_table(df, model: str):
 
 
 def _configure_parity(p):
-    p.add_argument("--models", default="all", help="comma-separated models or 'all' (default)")
+    p.add_argument("--models", default="all", help="comma-separated models, 'quick' (the conformance suite's "
+                   "quick training set) or 'all' (default)")
     p.add_argument("--backends", default="all", help="comma-separated backends or 'all' (default: those installed "
                                                      "here or with a tox env)")
     p.add_argument("--no-forward", action="store_true", help="skip the forward check")
@@ -241,7 +242,12 @@ def cmd_parity(args) -> int:
                 console(stderr=True).print(f"note: backend {b} skipped: no env with its framework (tox -e {b})")
     else:
         backends = parse_list(args.backends, "--backends", known)
-    models = parse_list(args.models, "--models", None, zoo.names())
+    if args.models.strip() == "quick":
+        from .conformance import training_models
+
+        models = training_models("quick")
+    else:
+        models = parse_list(args.models, "--models", None, zoo.names())
     for m in models:
         zoo.path_of(m)
     threads = args.threads or registry.default_threads()
