@@ -350,8 +350,8 @@ def registry() -> dict[str, str]:
     return dict(sorted(reg.items(), key=lambda kv: _ORDER.get(kv[0], len(_ORDER))))
 
 
-_ORDER = {name: i for i, name in enumerate(("numpy", "torch", "tf", "keras-torch", "keras-jax", "mxnet",
-                                             "paddle", "mindspore"))}
+_ORDER = {name: i for i, name in enumerate(("numpy", "torch", "tf", "mxnet", "paddle", "mindspore", "keras-torch",
+                                             "keras-jax"))}
 """Display order of the project's backends (others follow in name order)."""
 
 
