@@ -1,9 +1,8 @@
 """Keras 3 on JAX: the tf backend's Keras model, run by JAX (``KERAS_BACKEND=jax``).
 
-What a Keras user gets on JAX: the same network as Keras layers (backends/keras_builder.py,
-the generic layers in keras.ops), its steps compiled by XLA the way Keras' own JAX trainer
-does it: pure functions of the variables' values through ``Model.stateless_call``, under
-``jax.jit``.
+What a Keras user gets on JAX: the same network as Keras layers (backends/keras, the generic
+layers in keras.ops), its steps compiled by XLA the way Keras' own JAX trainer does it: pure
+functions of the variables' values through ``Model.stateless_call``, under ``jax.jit``.
 
     * State lives outside the Keras variables while steps run (as in Keras' JAX trainer):
       lists of arrays for the trainable and non-trainable variables (BN statistics, seed
@@ -22,52 +21,42 @@ does it: pure functions of the variables' values through ``Model.stateless_call`
       with a smaller core budget restricts the process's CPU affinity to that many CPUs
       before JAX starts its client (XLA has no thread-count flag).
     * Precision: fp32; amp-bf16 is Keras' mixed_bfloat16 policy; tf32 and fp16 mixed
-      precision are not implemented here.
+      precision are not implemented here (the capabilities do not declare them).
+
+Keras reads KERAS_BACKEND once, at its first import: this module sets it (unless the
+environment already does, as the runner's cells do) before importing Keras.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import os
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from backends import keras_builder
-from backends.keras_builder import GenericKerasBackend
-from harness.backend import BuildConfig
-from harness.errors import UnsupportedError
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
-jax = None
-jnp = None
-keras = None
+from backends.keras.backend import GenericKerasBackend  # noqa: E402
+from harness.backend import BuildConfig  # noqa: E402
+from harness.errors import UnsupportedError  # noqa: E402
+from harness.graph import as_output_list  # noqa: E402
 
 MB = 1024 * 1024
 
 
-def _import():
-    global jax, jnp, keras
-    if jax is not None:
-        return
-    keras = keras_builder.import_keras("jax", "keras-jax")
-    import jax as _jax
-    import jax.numpy as _jnp
-
-    jax, jnp = _jax, _jnp
+def _cross_entropy(logits, y):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
 
 
 class KerasJaxBackend(GenericKerasBackend):
     """Keras 3 on JAX: stateless_call under jax.jit (``jit``) or op by op (``eager``)."""
 
-    name = "keras-jax"
-    keras_backend = "jax"
-    exec_modes = ("jit", "eager")
-
     # ------------------------------------------------------------------ framework
-
-    def import_framework(self) -> None:
-        _import()
 
     def _gpus(self) -> list:
         try:
@@ -106,9 +95,6 @@ class KerasJaxBackend(GenericKerasBackend):
             self.device = gpus[index]
         else:
             self.device = jax.devices("cpu")[0]
-        prec = config.precision
-        if prec in ("tf32", "amp-fp16"):
-            raise UnsupportedError(f"keras-jax backend: precision {prec} is not implemented here (fp32, amp-bf16)")
         self.config, self.ir = config, ir
         self.mode = config.exec_mode
         self.build_model(ir, config, f"gpu:{index}" if kind == "cuda" else "cpu:0")
@@ -145,13 +131,9 @@ class KerasJaxBackend(GenericKerasBackend):
         return fn if self.mode == "eager" else jax.jit(fn, donate_argnums=donate)
 
     def _loss(self, outs, y):
-        def ce(logits):
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
-
-        loss = ce(outs[0])
+        loss = _cross_entropy(outs[0], y)
         for o, w in zip(outs[1:], self.model.aux_weights):
-            loss = loss + w * ce(o)
+            loss = loss + w * _cross_entropy(o, y)
         return loss
 
     def _make_functions(self) -> None:
@@ -166,12 +148,12 @@ class KerasJaxBackend(GenericKerasBackend):
 
         def forward_train(tv, ntv, x):
             outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
-            return self.outputs(outs), new_ntv
+            return as_output_list(outs), new_ntv
 
         def train(tv, ntv, bufs, lr, x, y):
             def loss_fn(tv):
                 outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
-                return self._loss(self.outputs(outs), y), new_ntv
+                return self._loss(as_output_list(outs), y), new_ntv
 
             (loss, new_ntv), grads = jax.value_and_grad(loss_fn, has_aux=True)(tv)
             new_tv, new_bufs = [], []

@@ -1,9 +1,8 @@
 """Keras 3 on PyTorch: the tf backend's Keras model, run by PyTorch (``KERAS_BACKEND=torch``).
 
 What a Keras user gets on PyTorch, next to the native ``torch`` backend: the same network as
-Keras layers (backends/keras_builder.py, the generic layers in keras.ops), executed eagerly by
-PyTorch. The difference between the two backends' step times is what Keras costs over
-PyTorch.
+Keras layers (backends/keras, the generic layers in keras.ops), executed eagerly by PyTorch.
+The difference between the two backends' step times is what Keras costs over PyTorch.
 
     * Keras variables on torch are ``torch.nn.Parameter`` objects; the train step is
       PyTorch's own: autograd on the harness loss (torch's cross_entropy), then
@@ -16,35 +15,28 @@ PyTorch.
     * Precision: fp32; amp-bf16 is Keras' mixed_bfloat16 policy; tf32 on CUDA only; fp16
       mixed precision would need loss scaling, which this backend does not implement. fp64
       (the float64 policy, verification only) for parity's rounding proof.
+
+Keras reads KERAS_BACKEND once, at its first import: this module sets it (unless the
+environment already does, as the runner's cells do) before importing Keras.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
-
 from typing import Any
 
-import numpy as np
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from backends import keras_builder
-from backends.keras_builder import GenericKerasBackend
-from harness.backend import VERIFY_PRECISION, BuildConfig, storage_dtype
-from harness.errors import UnsupportedError
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-torch = None
-F = None
-keras = None
-
-
-def _import():
-    global torch, F, keras
-    if torch is not None:
-        return
-    keras = keras_builder.import_keras("torch", "keras-torch")
-    import torch as _torch
-    import torch.nn.functional as _F
-
-    torch, F = _torch, _F
+from backends.keras.backend import GenericKerasBackend  # noqa: E402
+from harness.backend import VERIFY_PRECISION, BuildConfig, storage_dtype  # noqa: E402
+from harness.errors import UnsupportedError  # noqa: E402
+from harness.graph import as_output_list  # noqa: E402
 
 
 def _keras_promotes_float64(keep: bool) -> None:
@@ -67,16 +59,13 @@ def _keras_promotes_float64(keep: bool) -> None:
     table["float64"] = "float64" if keep else "float32"
 
 
+def _logits(out):
+    """Mixed-precision logits in float32; float64 (verification builds) kept."""
+    return out if out.dtype == torch.float64 else out.float()
+
+
 class KerasTorchBackend(GenericKerasBackend):
     """Keras 3 on PyTorch, eager (Keras' torch backend), PyTorch's autograd and SGD."""
-
-    name = "keras-torch"
-    keras_backend = "torch"
-    exec_modes = ("eager",)
-    verifies_fp64 = True
-
-    def import_framework(self) -> None:
-        _import()
 
     def devices(self) -> list[str]:
         return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -103,9 +92,6 @@ class KerasTorchBackend(GenericKerasBackend):
         prec = config.precision
         if prec == "tf32" and kind != "cuda":
             raise UnsupportedError("keras-torch backend: tf32 exists on CUDA only")
-        if prec == "amp-fp16":
-            raise UnsupportedError("keras-torch backend: fp16 mixed precision needs loss scaling, not implemented "
-                                   "here; use amp-bf16")
         if kind == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
             torch.backends.cudnn.allow_tf32 = prec == "tf32"
@@ -139,7 +125,7 @@ class KerasTorchBackend(GenericKerasBackend):
     def forward(self, x, train=False):
         with torch.no_grad(), keras.device(self.keras_device):
             model = self.model.train_model if train else self.model.eval_model
-            outs = self.outputs(model(self._input(x), training=train))
+            outs = as_output_list(model(self._input(x), training=train))
         return [self.model.from_native(o.detach().float().cpu().numpy()) for o in outs]
 
     def to_device(self, x, y):
@@ -150,24 +136,19 @@ class KerasTorchBackend(GenericKerasBackend):
             return self.model.eval_model(batch[0], training=False)
 
     def _loss(self, outs, y):
-        loss = F.cross_entropy(self._logits(outs[0]), y)
+        loss = F.cross_entropy(_logits(outs[0]), y)
         for o, w in zip(outs[1:], self.model.aux_weights):
-            loss = loss + w * F.cross_entropy(self._logits(o), y)
+            loss = loss + w * F.cross_entropy(_logits(o), y)
         return loss
-
-    @staticmethod
-    def _logits(out):
-        """Mixed-precision logits in float32; float64 (verification builds) kept."""
-        return out if out.dtype == torch.float64 else out.float()
 
     def train_step(self, batch):
         x, y = batch
         with keras.device(self.keras_device):
             if self.optimizer is None:  # nothing to learn: forward (BN statistics) and loss only
                 with torch.no_grad():
-                    return self._loss(self.outputs(self.model.train_model(x, training=True)), y)
+                    return self._loss(as_output_list(self.model.train_model(x, training=True)), y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(self.outputs(self.model.train_model(x, training=True)), y)
+            loss = self._loss(as_output_list(self.model.train_model(x, training=True)), y)
             loss.backward()
             self.optimizer.step()
         return loss.detach()

@@ -1,8 +1,8 @@
 """TensorFlow / Keras 3 backend: the IR as a Keras functional model, tf.function, XLA or eager.
 
-The model is backends/keras_builder.py's, shared with the keras-torch and keras-jax backends
-(its docstring has the layouts, padding and weight conventions). This module replaces a few of
-its layers with TensorFlow kernels and runs the steps in TensorFlow:
+The model is backends/keras/builder.py's, shared with the keras-torch and keras-jax backends
+(its docstring has the layouts, padding and weight conventions). This backend replaces a few of
+its layers with TensorFlow kernels (backends/tf/layers.py) and runs the steps in TensorFlow:
     * BatchNorm is a keras.layers.BatchNormalization (same variables, names and counts) whose
       call runs TF's fused kernel, FusedBatchNormV3, with ``exponential_avg_factor`` = the
       IR's (PyTorch-sense) momentum: that kernel updates running = (1 - m) * running +
@@ -21,6 +21,7 @@ its layers with TensorFlow kernels and runs the steps in TensorFlow:
       rule with TF's fused ResourceApplyMomentum (accum = m * accum + g; w -= lr * accum).
       Keras optimizers are not used: their weight_decay is decoupled and their momentum
       form differs in rounding.
+    * Precisions: fp32, amp-bf16, fp64 (verification); tf32 and amp-fp16 on a GPU only.
     * Layout channels_first runs wherever TF has NCHW kernels. On this CPU build (oneDNN)
       conv, depthwise, pooling and fused BN accept NCHW in graph and XLA mode; in eager
       mode the CPU MaxPoolGrad kernel is NHWC-only, so an eager NCHW train step of a net
@@ -28,147 +29,34 @@ its layers with TensorFlow kernels and runs the steps in TensorFlow:
       module (Keras itself transposes NCHW pooling on TF, which is why pooling here calls
       tf.nn directly in channels_first).
     * TensorFlow convolutions cannot combine stride > 1 with dilation > 1 (UnsupportedError).
+
+TF_CPP_MIN_LOG_LEVEL and KERAS_BACKEND are set (unless the environment already does, as the
+runner's cells do) before TensorFlow and Keras are imported.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import gc
 import os
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from backends import keras_builder
-from backends.keras_builder import POLICIES, KerasModel, Namespace
-from harness.backend import Backend, BuildConfig, split_device
-from harness.errors import UnsupportedError
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-tf = None
-keras = None
+from backends.keras.backend import check_keras  # noqa: E402
+from backends.keras.builder import POLICIES, KerasModel  # noqa: E402
+from backends.tf import INTER_OP_THREADS  # noqa: E402
+from backends.tf.layers import TF_LAYERS  # noqa: E402
+from harness.backend import Backend, BuildConfig, split_device  # noqa: E402
+from harness.errors import UnsupportedError  # noqa: E402
+from harness.graph import as_output_list  # noqa: E402
 
 MB = 1024 * 1024
-_L: Namespace | None = None  # the builder's layer classes with this module's TF kernels
-
-
-def _import():
-    global tf, keras
-    if tf is not None:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    keras_builder.import_keras("tensorflow", "tf")
-    import tensorflow as _tf
-    import keras as _keras
-
-    tf, keras = _tf, _keras
-    _define_layers()
-
-
-# --------------------------------------------------------------------------- TF layers
-
-
-def _define_layers():
-    """The builder's generic layers, with TF kernels where they are faster or exact."""
-    global _L
-    if _L is not None:
-        return
-    generic = keras_builder.generic_layers()
-
-    class BatchNorm(generic.BatchNorm):
-        """Keras BN (same variables and counts) running TF's fused kernel with the IR's rule."""
-
-        def call(self, inputs, training=None, mask=None):
-            x = inputs
-            flat = len(x.shape) == 2
-            c = x.shape[-1] if (flat or self.axis in (-1, 3)) else x.shape[1]
-            if flat:
-                x = tf.reshape(x, (-1, 1, 1, c))
-            fmt = "NHWC" if flat or self.axis in (-1, 3) else "NCHW"
-            if x.dtype == tf.float64:  # no fused kernel for doubles (verification runs only)
-                y = self._call_unfused(x, training)
-                return tf.reshape(y, (-1, c)) if flat else y
-            scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones((c,), tf.float32)
-            offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros((c,), tf.float32)
-            mean = tf.convert_to_tensor(self.moving_mean)
-            var = tf.convert_to_tensor(self.moving_variance)
-            if training and self.trainable:
-                y, new_mean, new_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                    x=x, scale=scale, offset=offset, mean=mean, variance=var, epsilon=self.epsilon,
-                    exponential_avg_factor=self.torch_momentum, data_format=fmt, is_training=True)
-                self.moving_mean.assign(new_mean)
-                self.moving_variance.assign(new_var)
-            else:
-                y = tf.raw_ops.FusedBatchNormV3(x=x, scale=scale, offset=offset, mean=mean, variance=var,
-                                                epsilon=self.epsilon, data_format=fmt, is_training=False)[0]
-            if flat:
-                y = tf.reshape(y, (-1, c))
-            return tf.cast(y, self.compute_dtype)
-
-        def _call_unfused(self, x, training):
-            axes = [0, 1, 2] if (len(x.shape) == 2 or self.axis in (-1, 3)) else [0, 2, 3]
-            shape = [1, 1, 1, -1] if axes == [0, 1, 2] else [1, -1, 1, 1]
-            if training and self.trainable:
-                mean, var = tf.nn.moments(x, axes)
-                n = tf.cast(tf.size(x) // tf.size(mean), x.dtype)
-                m = self.torch_momentum
-                self.moving_mean.assign((1 - m) * self.moving_mean + m * mean)
-                self.moving_variance.assign((1 - m) * self.moving_variance + m * var * n / tf.maximum(n - 1, 1))
-            else:
-                mean, var = tf.convert_to_tensor(self.moving_mean), tf.convert_to_tensor(self.moving_variance)
-            y = (x - tf.reshape(mean, shape)) / tf.sqrt(tf.reshape(var, shape) + self.epsilon)
-            if self.scale:
-                y = y * tf.reshape(self.gamma, shape)
-            if self.center:
-                y = y + tf.reshape(self.beta, shape)
-            return y
-
-    class Conv2D(keras.layers.Conv2D):
-        """Keras Conv2D with the bias added by tf.nn.bias_add in the layer's own data format.
-
-        keras.ops.add (Keras 3.15) turns "x + bias" into BiasAdd and guesses the channel axis
-        from the shapes: channels_first with W == filters gets the bias added along W.
-        """
-
-        def call(self, inputs):
-            y = self.convolution_op(inputs, self.kernel)
-            if self.use_bias:
-                y = tf.nn.bias_add(y, self.bias, data_format="NHWC" if self.data_format == "channels_last" else "NCHW")
-            return y
-
-    class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
-        """Keras DepthwiseConv2D, bias added as in Conv2D above."""
-
-        def call(self, inputs):
-            y = keras.ops.depthwise_conv(inputs, self.kernel, strides=self.strides, padding=self.padding,
-                                         dilation_rate=self.dilation_rate, data_format=self.data_format)
-            if self.use_bias:
-                y = tf.nn.bias_add(y, self.bias, data_format="NHWC" if self.data_format == "channels_last" else "NCHW")
-            return y
-
-    class Pool(generic.Pool):
-        """tf.nn max/avg pooling, valid or same, in either layout (Keras' own pooling layers
-        transpose NCHW on TF; used only for channels_first), then an optional constant
-        factor map (average pooling divisor correction)."""
-
-        def call(self, x):
-            f = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
-            y = f(x, self.kernel, self.stride, self.padding, data_format="NHWC" if self.channels_last else "NCHW")
-            if self.factor is not None:
-                y = y * tf.constant(self.factor, y.dtype)
-            return y
-
-    class LRN(generic.LRN):
-        """TF's LRN kernel where it is the same formula (odd n, NHWC, float32)."""
-
-        def call(self, x):
-            n = self.size
-            if self.channels_last and n % 2 == 1 and x.dtype == tf.float32:
-                return tf.nn.local_response_normalization(x, depth_radius=(n - 1) // 2, bias=self.k,
-                                                          alpha=self.alpha, beta=self.beta)
-            return self.window_lrn(x)
-
-    _L = generic.with_overrides(BatchNorm, Conv2D, DepthwiseConv2D, Pool, LRN)
 
 
 # --------------------------------------------------------------------------- backend
@@ -177,55 +65,8 @@ def _define_layers():
 class KerasTFBackend(Backend):
     """TensorFlow 2 + Keras 3 (``graph`` = tf.function, ``xla`` = jit_compile, ``eager``)."""
 
-    name = "tf"
-    framework = "tensorflow"
-    distribution = "tensorflow-cpu"
-    exec_modes = ("graph", "xla", "eager")
-    options = {"layout": ("channels_last", "channels_first")}
-    known_gaps: dict[str, str] = {}
-    bn_variance = "unbiased"
-    verifies_fp64 = True
-    DISTRIBUTIONS = ("tensorflow-cpu", "tensorflow", "tensorflow-intel", "tensorflow-macos", "tf-nightly",
-                     "tf-nightly-cpu")
-
-    # ------------------------------------------------------------------ no framework
-
-    @classmethod
-    def installed_version(cls) -> str | None:
-        from importlib import metadata
-
-        for dist in cls.DISTRIBUTIONS:
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    @classmethod
-    def env_vars(cls, threads: int, tuned: bool) -> dict[str, str]:
-        """Quiet logs and Keras on TF always; tuned: Intel/TF CPU guidance for the budget.
-
-        TF's x86 wheels use oneDNN on an Eigen thread pool: TF_ENABLE_ONEDNN_OPTS=1 (the
-        default on Linux x86 since 2.9, made explicit), intra-op threads = the core budget,
-        inter-op threads = 1 (one socket: independent ops would only compete for the same
-        cores). The OpenMP variables cover oneDNN builds that use OpenMP.
-        """
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
-        if tuned:
-            n = str(threads)
-            env.update(super().env_vars(threads, tuned))
-            env.update({"TF_ENABLE_ONEDNN_OPTS": "1", "TF_NUM_INTRAOP_THREADS": n,
-                        "TF_NUM_INTEROP_THREADS": str(cls._inter_threads(threads))})
-        return env
-
-    @staticmethod
-    def _inter_threads(threads: int) -> int:
-        return 1
-
-    # ------------------------------------------------------------------ framework
-
     def import_framework(self) -> None:
-        _import()
+        check_keras("tensorflow", "tf")
 
     def version(self) -> str:
         return tf.__version__
@@ -238,7 +79,7 @@ class KerasTFBackend(Backend):
         if tuned:
             try:
                 tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(self._inter_threads(threads))
+                tf.config.threading.set_inter_op_parallelism_threads(INTER_OP_THREADS)
             except RuntimeError:  # the TF context already exists: settings are fixed now
                 applied = False
         growth = []
@@ -263,10 +104,35 @@ class KerasTFBackend(Backend):
         # an earlier backend instance in this process is only freed by a collection, which
         # the allocation-count heuristic of the gc may not run for a long time.
         gc.collect()
-        config = self.resolve_config(config)
+        config = self.info.resolve_config(config)
+        self._place(config)
+        prec = config.precision
+        if self.gpu:  # TF enables TF32 by default on Ampere+; fp32 means true fp32
+            tf.config.experimental.enable_tensor_float_32_execution(prec == "tf32")
+        self.loss_dtype = tf.float64 if POLICIES[prec] == "float64" else tf.float32
+        self.config, self.ir = config, ir
+        self.mode = config.exec_mode
+        self.channels_last = config.options.get("layout", "channels_last") == "channels_last"
+        self.train_unsupported = None
+        if (not self.channels_last and not self.gpu and self.mode == "eager"
+                and any(n.op == "maxpool2d" for n in ir.nodes)):
+            self.train_unsupported = ("tf backend: channels_first train step in eager mode on the CPU: TF's eager CPU "
+                                      "MaxPoolGrad kernel supports NHWC only (use exec mode graph or xla)")
+        with tf.device(self.device):
+            self.model = KerasModel(ir, config, TF_LAYERS, "tf", strided_dilation=False)
+        self.tvars = list(self.model.train_model.trainable_weights)
+        self.momentum_bufs = None  # made at the first train step (PyTorch's SGD makes them lazily too)
+        self.loss_scale = None
+        if prec == "amp-fp16":
+            with tf.device(self.device):
+                self.loss_scale = tf.Variable(2.0 ** 15, trainable=False)
+                self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._last = None
+        self._make_functions()
+
+    def _place(self, config: BuildConfig) -> None:
+        """The TF device of a build; tf32 and amp-fp16 are refused on the CPU."""
         kind, index = split_device(config.device)
-        if kind == "ascend":
-            raise UnsupportedError("tf backend: Ascend devices are not supported")
         gpus = tf.config.list_physical_devices("GPU")
         if kind == "cuda":
             if not gpus:
@@ -277,34 +143,10 @@ class KerasTFBackend(Backend):
         self.device = "/CPU:0" if kind == "cpu" else f"/GPU:{index}"
         self.gpu = kind == "cuda"
         self.gpu_name = f"GPU:{index}"
-        prec = config.precision
-        if prec == "tf32" and not self.gpu:
+        if config.precision == "tf32" and not self.gpu:
             raise UnsupportedError("tf backend: tf32 exists on CUDA only")
-        if prec == "amp-fp16" and not self.gpu:
+        if config.precision == "amp-fp16" and not self.gpu:
             raise UnsupportedError("tf backend: fp16 mixed precision is a GPU mode; use amp-bf16 on the CPU")
-        if self.gpu:  # TF enables TF32 by default on Ampere+; fp32 means true fp32
-            tf.config.experimental.enable_tensor_float_32_execution(prec == "tf32")
-        policy = POLICIES[prec]
-        self.loss_dtype = tf.float64 if policy == "float64" else tf.float32
-        self.config, self.ir = config, ir
-        self.mode = config.exec_mode
-        self.channels_last = config.options.get("layout", "channels_last") == "channels_last"
-        self.train_unsupported = None
-        if (not self.channels_last and not self.gpu and self.mode == "eager"
-                and any(n.op == "maxpool2d" for n in ir.nodes)):
-            self.train_unsupported = ("tf backend: channels_first train step in eager mode on the CPU: TF's eager CPU "
-                                      "MaxPoolGrad kernel supports NHWC only (use exec mode graph or xla)")
-        with tf.device(self.device):
-            self.model = KerasModel(ir, self.channels_last, policy, _L, "tf", strided_dilation=False)
-        self.tvars = list(self.model.train_model.trainable_weights)
-        self.momentum_bufs = None  # made at the first train step (PyTorch's SGD makes them lazily too)
-        self.loss_scale = None
-        if prec == "amp-fp16":
-            with tf.device(self.device):
-                self.loss_scale = tf.Variable(2.0 ** 15, trainable=False)
-                self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._last = None
-        self._make_functions()
 
     # functions ----------------------------------------------------------------
 
@@ -348,13 +190,9 @@ class KerasTFBackend(Backend):
     def _train_body(self, x, y):
         opt = self.config.optimizer
         if not self.tvars:  # nothing to learn: forward (BN statistics) and loss only
-            outs = self.model.train_model(x, training=True)
-            return self._loss(outs if isinstance(outs, (list, tuple)) else [outs], y)
+            return self._loss(as_output_list(self.model.train_model(x, training=True)), y)
         with tf.GradientTape() as tape:
-            outs = self.model.train_model(x, training=True)
-            if not isinstance(outs, (list, tuple)):
-                outs = [outs]
-            loss = self._loss(outs, y)
+            loss = self._loss(as_output_list(self.model.train_model(x, training=True)), y)
             scaled = loss * self.loss_scale if self.loss_scale is not None else loss
         grads = tape.gradient(scaled, self.tvars)
         finite = None
@@ -416,8 +254,7 @@ class KerasTFBackend(Backend):
     def forward(self, x, train=False):
         with tf.device(self.device):
             xt = tf.constant(self.model.to_native(np.asarray(x, dtype=np.float32)))
-        out = self._forward_train(xt) if train else self._infer(xt)
-        outs = out if isinstance(out, (list, tuple)) else [out]
+        outs = as_output_list(self._forward_train(xt) if train else self._infer(xt))
         return [self.model.from_native(np.asarray(tf.cast(o, tf.float32).numpy())) for o in outs]
 
     def to_device(self, x, y):
