@@ -111,6 +111,35 @@ class Capabilities:
         return None
 
 
+DP_BN_SEMANTICS = {
+    "broadcast": "per-rank batch statistics; rank 0's running statistics copied to every rank before each "
+                 "forward (torch DDP's broadcast_buffers)",
+    "local": "per-rank batch statistics; each rank keeps its own running statistics",
+    "mean": "per-rank batch statistics; running statistics averaged over the ranks after each step",
+    "sync": "batch statistics of the global batch (synchronised BN); running statistics from them",
+}
+"""Data-parallel BatchNorm semantics the oracle models (harness.conformance.dp_oracle)."""
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How a backend trains data-parallel, declared as data (the runner and the oracle obey it).
+
+    Attributes:
+        engine: The framework's own data-parallel engine, for the row.
+        transports: Device kind -> collective transport (``{"cpu": "gloo", "cuda": "nccl"}``).
+        launcher: How the ranks meet, for the row.
+        bn: BatchNorm semantics of its default data-parallel build (a key of DP_BN_SEMANTICS).
+        ports: Free ports on 127.0.0.1 it needs (passed in ``Rendezvous.ports``).
+    """
+
+    engine: str
+    transports: dict[str, str]
+    launcher: str
+    bn: str = "local"
+    ports: int = 1
+
+
 class BackendInfo:
     """What the harness knows of a backend without importing its framework.
 
@@ -134,6 +163,8 @@ class BackendInfo:
             an ``op:NAME/*`` gap also excuses a missing builder.
         bn_variance: How the framework updates BN running variance: ``unbiased`` (PyTorch,
             the IR's convention) or ``biased`` (Keras); parity checks convert the latter.
+        data_parallel: How it trains data-parallel (:class:`DataParallel`), with the
+            ``data_parallel`` capability; None without.
         reference: The framework-free numpy executor: measured only when named, never as
             part of ``--backends all`` (it trains a ResNet in minutes per step).
     """
@@ -150,6 +181,7 @@ class BackendInfo:
     known_gaps: ClassVar[dict[str, str]] = {}
     bn_variance: ClassVar[str] = "unbiased"
     reference: ClassVar[bool] = False
+    data_parallel: ClassVar[DataParallel | None] = None
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
@@ -187,6 +219,18 @@ class BackendInfo:
             return {}
         n = str(threads)
         return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+    def dp_env(self, rendezvous) -> dict[str, str]:
+        """Variables a data-parallel rank needs before the framework is imported (TF_CONFIG...).
+
+        Args:
+            rendezvous: The rank's harness.distributed.Rendezvous.
+        """
+        return {}
+
+    def dp_helpers(self, world: int, host: str, ports: tuple[int, ...]) -> list:
+        """The engine's helper processes (harness.distributed.Helper), started before the ranks."""
+        return []
 
     def gap_reason(self, test_id: str) -> str | None:
         """The known-gap reason matching a conformance test id, if any."""
@@ -321,6 +365,29 @@ class Backend(abc.ABC):
 
     def synchronize(self) -> None:
         """Waits until the device has finished all queued work."""
+
+    # ------------------------------------------------------------------ data parallel
+
+    def init_distributed(self, rendezvous) -> dict[str, Any]:
+        """Joins the data-parallel group before ``build``; later builds train through the
+        framework's engine (gradients averaged over the ranks). Returns figures for the row
+        (transport...).
+
+        Args:
+            rendezvous: This rank's harness.distributed.Rendezvous.
+        """
+        raise UnsupportedError(f"backend {self.name}: no data-parallel training")
+
+    def barrier(self) -> None:
+        """Returns when every rank has reached it (the engine's own collective)."""
+
+    def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
+        """Seconds of each of ``iters`` all-reduces (sum) of ``nbytes`` of float32 on the group's
+        transport, each between barriers, after one untimed."""
+        raise UnsupportedError(f"backend {self.name}: no data-parallel training")
+
+    def shutdown_distributed(self) -> None:
+        """Leaves the group (the process exits next)."""
 
     def memory_stats(self) -> dict[str, float]:
         """Device allocator figures in MB (``alloc_peak_mb``, ``reserved_peak_mb``...)."""

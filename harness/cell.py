@@ -15,6 +15,12 @@ The protocol (README, "Measuring"):
    the steps alone (kernel high-water mark reset before the first step, where allowed), and
    on GPU the framework allocator's peak and the NVML figure of this process.
 
+With ``--rank R RENDEZVOUS.json`` the process is rank R of a data-parallel cell (``workers`` >
+1, harness.distributed): it joins the group through the backend's engine before building,
+trains on its shard of the global batch, times each step between two barriers (start and end
+clocks kept for the parent, which takes the slowest rank's), and ends with an all-reduce
+microbenchmark of the gradient's bytes on the same transport.
+
 This process never imports pandas or plotting libraries. Whatever happens, it writes one row
 (status ok, error, unsupported or oom); a crash or timeout is recorded by the parent.
 """
@@ -30,6 +36,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 MODES = ("train", "infer")
 ROW_VERSION = 1
@@ -57,12 +65,26 @@ class Cell:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    workers: int = 1
+    scaling: str = "weak"  # weak: batch is per worker; strong: batch is the global batch
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["input"] = list(self.input) if self.input else None
         d["options"] = dict(self.options)
+        if self.workers == 1:  # one process: the keys of cells measured before workers existed
+            del d["workers"], d["scaling"]
         return d
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Samples each rank takes per step."""
+        return self.batch if self.scaling == "weak" else self.batch // self.workers
+
+    @property
+    def global_batch(self) -> int:
+        """Samples all ranks take together per step."""
+        return self.per_worker_batch * self.workers
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cell":
@@ -77,7 +99,9 @@ class Cell:
 
     def label(self) -> str:
         mode = f" {self.exec_mode}" if self.exec_mode else ""
-        return f"{self.backend}{mode} {self.model} {self.mode} b{self.batch}" + (f" r{self.repeat}" if self.repeat else "")
+        workers = f" x{self.workers} {self.scaling}" if self.workers > 1 else ""
+        return (f"{self.backend}{mode} {self.model} {self.mode} b{self.batch}{workers}"
+                + (f" r{self.repeat}" if self.repeat else ""))
 
 
 def classify_error(exc: BaseException) -> str:
@@ -110,8 +134,17 @@ def weights_for(ir, seed: int):
     return weights
 
 
-def measure(cell: Cell, row: dict) -> None:
-    """Runs the protocol, filling ``row`` as it goes (so a failure keeps what was measured)."""
+ALLREDUCE_ITERS = 10
+ALLREDUCE_PEAK_BYTES = 32 * 1024 * 1024
+"""The all-reduce whose bus bandwidth stands for the transport's (B of the ring model)."""
+
+
+def measure(cell: Cell, row: dict, rendezvous=None) -> None:
+    """Runs the protocol, filling ``row`` as it goes (so a failure keeps what was measured).
+
+    Args:
+        rendezvous: This rank's harness.distributed.Rendezvous in a data-parallel cell.
+    """
     from . import backend as registry
     from . import measure as m
     from . import zoo
@@ -130,6 +163,10 @@ def measure(cell: Cell, row: dict) -> None:
     row["rss_after_import_mb"] = m.rss_mb()
     row["framework_version"] = b.version()
     row["settings"] = b.configure(cell.threads, cell.cpu_settings == "tuned")
+    if rendezvous is not None:
+        t = time.perf_counter()
+        row.update(b.init_distributed(rendezvous))
+        row["init_distributed_s"] = time.perf_counter() - t
 
     ir = zoo.load(cell.model, cell.input)
     row["spec_hash"] = ir.fingerprint()
@@ -138,7 +175,10 @@ def measure(cell: Cell, row: dict) -> None:
     row["params_trainable"] = ir.trainable_params
     row["params_non_trainable"] = ir.non_trainable_params
     weights = weights_for(ir, cell.seed)
-    x, y = synthetic_batch(ir, cell.batch, cell.seed)
+    x, y = synthetic_batch(ir, cell.global_batch, cell.seed)
+    if rendezvous is not None:  # this rank's shard of the global batch
+        shard = slice(rendezvous.rank * cell.per_worker_batch, (rendezvous.rank + 1) * cell.per_worker_batch)
+        x, y = x[shard], y[shard]
 
     config = info.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
                                             Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
@@ -166,20 +206,33 @@ def measure(cell: Cell, row: dict) -> None:
     for _ in range(cell.warmup):
         out = step(batch)
         b.synchronize()
-    samples = []
-    for _ in range(cell.iters):
+    samples, starts = [], []
+    for i in range(cell.iters):
+        if rendezvous is not None:
+            b.barrier()
         t0 = time.perf_counter_ns()
         out = step(batch)
         b.synchronize()
-        samples.append(time.perf_counter_ns() - t0)
+        t1 = time.perf_counter_ns()
+        samples.append(t1 - t0)
+        starts.append(t0)
+        if rendezvous is not None and i == 0:
+            from .distributed import inject_fault
+
+            inject_fault(rendezvous.rank, "step")
+    if rendezvous is not None:
+        b.barrier()
+        row["step_start_ns"] = starts
     row["samples_ns"] = samples
     row.update(m.summarize(samples))
     if cell.mode == "train":
         row["last_loss"] = b.loss_value(out)
+    if rendezvous is not None:
+        _communication(b, ir, rendezvous, row)
     median = row.get("step_median_s")
     if median:
-        row["samples_per_s"] = cell.batch / median
-        flops = 2 * ir.macs * (3 if cell.mode == "train" else 1) * cell.batch
+        row["samples_per_s"] = cell.per_worker_batch / median
+        flops = 2 * ir.macs * (3 if cell.mode == "train" else 1) * cell.per_worker_batch
         row["gflops_per_s"] = flops / median / 1e9
     row["peak_rss_mb"] = m.peak_rss_mb()
     row["rss_increase_mb"] = row["peak_rss_mb"] - row["rss_after_import_mb"]
@@ -191,6 +244,22 @@ def measure(cell: Cell, row: dict) -> None:
     row["status"] = "ok"
 
 
+def _communication(b, ir, rendezvous, row: dict) -> None:
+    """The all-reduce microbenchmark: the gradient's bytes, then a large message (for B)."""
+    from .distributed import bus_bandwidth
+
+    nbytes = 4 * ir.trainable_params
+    row["grad_bytes"] = nbytes
+    row["allreduce_samples_s"] = b.allreduce_seconds(nbytes, ALLREDUCE_ITERS)
+    peak = max(nbytes, ALLREDUCE_PEAK_BYTES)
+    row["allreduce_peak_bytes"] = peak
+    peak_s = float(np.median(b.allreduce_seconds(peak, 3)))
+    row["allreduce_peak_s"] = peak_s
+    row["busbw_peak_bytes_per_s"] = bus_bandwidth(peak, rendezvous.world, peak_s)
+    b.barrier()
+    b.shutdown_distributed()
+
+
 def write_row(path: Path, row: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(row, default=str))
@@ -200,9 +269,14 @@ def write_row(path: Path, row: dict) -> None:
 def main(argv: list[str]) -> int:
     config_path, out_path = Path(argv[0]), Path(argv[1])
     cell = Cell.from_dict(json.loads(config_path.read_text()))
+    rendezvous = None
+    if len(argv) >= 4 and argv[2] == "--rank":
+        from .distributed import Rendezvous
+
+        rendezvous = Rendezvous.from_dict(json.loads(Path(argv[3]).read_text()))
     row: dict = {"status": "error", "row_version": ROW_VERSION, "pid": os.getpid()}
     try:
-        measure(cell, row)
+        measure(cell, row, rendezvous)
     except BaseException as exc:  # noqa: BLE001  (every failure becomes a row)
         row["status"] = classify_error(exc)
         row["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500] if str(exc) else type(exc).__name__

@@ -7,6 +7,7 @@ import time
 from . import backend as registry
 from . import zoo
 from .cell import MODES, Cell
+from .distributed import SCALINGS
 from .args import command, parse_list, parse_shape
 from .display import console, table
 from .errors import UsageError
@@ -53,6 +54,11 @@ def _configure(p):
     p.add_argument("--threads", type=int, help="core budget for every framework (default: the CPUs this process may use)")
     p.add_argument("--cpu-settings", choices=["tuned", "stock"], default="tuned",
                    help="tuned: each framework's best-practice CPU settings for the core budget; stock: its defaults")
+    p.add_argument("--workers", default="1", help="data-parallel processes per training cell, comma-separated "
+                   "(e.g. 1,2): each through its framework's own engine, on 127.0.0.1 (default 1)")
+    p.add_argument("--scaling", choices=SCALINGS, default="weak",
+                   help="with --workers: weak keeps the batch per worker (the global batch grows), strong keeps "
+                        "the global batch (split over the workers) (default weak)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps after the first step (default 5)")
     p.add_argument("--iters", type=int, help="timed steps (default 20)")
     p.add_argument("--repeats", type=int, default=1, help="processes per cell, for between-run spread (default 1)")
@@ -115,11 +121,30 @@ def cells_from_args(args) -> list[Cell]:
                   threads=args.threads or registry.default_threads(), cpu_settings=args.cpu_settings,
                   warmup=args.warmup if args.warmup is not None else (QUICK["warmup"] if args.quick else 5),
                   iters=args.iters or (QUICK["iters"] if args.quick else 20), seed=args.seed)
+    workers = _ints(args.workers, "--workers")
+    budget = registry.default_threads()
+    if max(workers) > 1:
+        if "infer" in modes and args.modes:
+            raise UsageError("--workers: data-parallel cells train; use --modes train")
+        lacking = [b for b in backends if not registry.get(b).capabilities.data_parallel]
+        if lacking:
+            raise UsageError(f"--workers: backend {lacking[0]} declares no data-parallel training")
+        if args.threads and max(workers) * args.threads > budget:
+            raise UsageError(f"--workers {max(workers)} x --threads {args.threads} exceeds the core budget of {budget}")
+        if args.scaling == "strong":
+            bad = [b for b in batches for n in workers if b % n]
+            if bad:
+                raise UsageError(f"--scaling strong: batch {bad[0]} does not split evenly over --workers {args.workers}")
     cells = expand(backends, models, modes, batches, args.repeats, **common)
     from dataclasses import replace
 
-    return [replace(c, exec_mode=exec_modes.get(c.backend), options=tuple(sorted(options[c.backend].items())))
-            for c in cells]
+    cells = [replace(c, exec_mode=exec_modes.get(c.backend), options=tuple(sorted(options[c.backend].items())))
+             for c in cells]
+    if workers == [1]:
+        return cells
+    # Each worker count of a training cell, its threads the budget's share unless given.
+    return [replace(c, workers=n, scaling=args.scaling, threads=args.threads or max(1, budget // n))
+            for c in cells if c.mode == "train" for n in workers]
 
 
 def how_measured(df) -> str:

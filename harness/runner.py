@@ -26,6 +26,9 @@ from typing import Callable, Iterable
 
 from . import backend as registry
 from .cell import Cell
+import numpy as np
+
+from .distributed import bus_bandwidth, ring_allreduce_s
 from .env import ROOT, THREAD_VARS, host_environment, machine_class
 from .errors import UsageError
 from .results import Store
@@ -70,7 +73,9 @@ def _signal_name(code: int) -> str:
 
 
 def run_cell(cell: Cell, python: str, timeout: float) -> dict:
-    """Runs one cell in a fresh process; always returns a row."""
+    """Runs one cell in a fresh process (``workers`` > 1: a group of them); always returns a row."""
+    if cell.workers > 1:
+        return _finish_row(cell, python, child_environment(cell), *run_data_parallel(cell, python, timeout))
     env = child_environment(cell)
     with tempfile.TemporaryDirectory(prefix="samenet-cell-") as tmp:
         config, out, log = Path(tmp) / "cell.json", Path(tmp) / "row.json", Path(tmp) / "log.txt"
@@ -109,12 +114,124 @@ def run_cell(cell: Cell, python: str, timeout: float) -> dict:
                 row.update(status="crash", error=f"exit code {code} without a result")
         if row.get("status") != "ok":
             row["log_tail"] = tail
+    return _finish_row(cell, python, env, row, wall, load_before, load_after)
+
+
+def _finish_row(cell: Cell, python: str, env: dict, row: dict, wall: float, load_before: float,
+                load_after: float) -> dict:
     row.update(cell.to_dict() | {k: v for k, v in row.items() if k in ("input", "exec_mode", "options")})
     # The load average shows whether something else competed for the cores during the cell.
     row.update(cell_key=cell.key(), wall_s=wall, python=python, load_avg_before=load_before,
                load_avg_after=load_after, thread_env={k: env[k] for k in THREAD_VARS if k in env})
     row.update(host_environment())
     row["machine_class"] = machine_class()
+    return row
+
+
+def rank_device(device: str, rank: int) -> str:
+    """One device per rank: ``cuda`` -> ``cuda:<rank>``; the CPU is shared."""
+    kind, _ = registry.split_device(device)
+    return device if kind == "cpu" or ":" in device else f"{kind}:{rank}"
+
+
+def run_data_parallel(cell: Cell, python: str, timeout: float) -> tuple[dict, float, float, float]:
+    """Runs a data-parallel cell as ``cell.workers`` ranks; returns (row, wall, load before, after)."""
+    from .distributed import HOST, Rendezvous, describe_exit, free_ports, launch, write_json
+
+    info = registry.get(cell.backend)
+    dp = info.data_parallel
+    if dp is None or not info.capabilities.data_parallel:
+        load = os.getloadavg()[0]
+        return {"status": "unsupported", "error": f"backend {info.name}: no data-parallel training"}, 0.0, load, load
+    env = child_environment(cell)
+    ports = free_ports(dp.ports)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="samenet-dp-") as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "cell.json").write_text(json.dumps(cell.to_dict()))
+        ranks = []
+        for r in range(cell.workers):
+            rdv = Rendezvous(r, cell.workers, ports=ports, device=rank_device(cell.device, r))
+            write_json(tmp_path / f"rdv{r}.json", rdv.to_dict())
+            ranks.append((["-m", "harness.cell", "cell.json", f"row{r}.json", "--rank", f"rdv{r}.json"],
+                          info.dp_env(rdv)))
+        helpers = info.dp_helpers(cell.workers, HOST, ports)
+
+        def read(r: int) -> dict | None:
+            path = tmp_path / f"row{r}.json"
+            return json.loads(path.read_text()) if path.exists() else None
+
+        def failed(r: int, code: int) -> str | None:
+            row = read(r)
+            if row is not None and row.get("status") != "ok":
+                return f"{row.get('status')}: {row.get('error', '')}"
+            if row is None or code:
+                return f"{describe_exit(code)} without a result" if row is None else describe_exit(code)
+            return None
+
+        result = launch(python, ranks, helpers, env, tmp_path, timeout, failed)
+        rows = [read(r) for r in range(cell.workers)]
+    load_after = os.getloadavg()[0]
+    return merge_rank_rows(cell, info, rows, result), result.wall_s, load_before, load_after
+
+
+def merge_rank_rows(cell: Cell, info, rows: list[dict | None], result) -> dict:
+    """One row of a data-parallel cell from its ranks' rows.
+
+    The step time of step k is the slowest rank's; global throughput counts every rank's
+    samples over the window from the first rank's first timed start to the last rank's last
+    end. A failure is the first failing rank's, with its error and log.
+    """
+    from . import measure as m
+
+    dp = info.data_parallel
+    common = {"workers": cell.workers, "scaling": cell.scaling, "batch_per_worker": cell.per_worker_batch,
+              "global_batch": cell.global_batch, "dp_engine": dp.engine, "launcher": dp.launcher,
+              "transport": dp.transports.get(registry.split_device(cell.device)[0]), "dp_bn": dp.bn,
+              "rank_pids": [r.get("pid") if r else None for r in rows]}
+    if result.failure is not None:
+        role, reason = result.failure
+        first = next((r for r in rows if r and r.get("status") not in (None, "ok")), None)
+        status = "timeout" if result.timed_out else (first.get("status") if first else "crash")
+        outcome = next((o for o in result.ranks + result.helpers if o.role == role), None)
+        row = {k: v for k, v in (first or next((r for r in rows if r), {}) or {}).items()
+               if k not in ("status", "error", "samples_ns")}
+        row.update(common, status=status if status in ("error", "oom", "unsupported", "timeout") else "crash",
+                   error=f"{role}: {reason}", failing_rank=role,
+                   log_tail=outcome.log_tail if outcome else "",
+                   ended=[f"{o.role}: {'killed by the launcher' if o.killed else 'exit ' + str(o.code)}"
+                          for o in result.ranks + result.helpers])
+        return row
+    row = dict(rows[0])
+    starts = np.array([r["step_start_ns"] for r in rows], dtype=np.int64)
+    durations = np.array([r["samples_ns"] for r in rows], dtype=np.int64)
+    ends = starts + durations
+    slowest = durations.max(axis=0)
+    row["samples_ns"] = slowest.tolist()
+    row.update(m.summarize(slowest.tolist()))
+    row["rank_step_median_s"] = [float(np.median(d)) / 1e9 for d in durations]
+    window = (ends.max() - starts.min()) / 1e9
+    row["window_s"] = float(window)
+    row["global_samples_per_s"] = cell.global_batch * cell.iters / window if window > 0 else None
+    median = row.get("step_median_s")
+    if median:
+        row["samples_per_s"] = cell.global_batch / median
+        flops = 2 * row["macs_per_sample"] * 3 * cell.global_batch
+        row["gflops_per_s"] = flops / median / 1e9
+    ar = np.array([r["allreduce_samples_s"] for r in rows], dtype=np.float64).max(axis=0)
+    row["allreduce_median_s"] = float(np.median(ar))
+    row["allreduce_busbw_bytes_per_s"] = bus_bandwidth(row["grad_bytes"], cell.workers, row["allreduce_median_s"])
+    peak = max(r["busbw_peak_bytes_per_s"] for r in rows)
+    row["ring_model_s"] = ring_allreduce_s(row["grad_bytes"], cell.workers, peak)
+    if median:
+        row["comm_share"] = row["allreduce_median_s"] / median
+    for key in ("peak_rss_mb", "rss_increase_mb", "peak_rss_steps_mb", "last_loss", "first_step_s", "build_s"):
+        row[f"rank_{key}"] = [r.get(key) for r in rows]
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
+    row["peak_rss_sum_mb"] = sum(r["peak_rss_mb"] for r in rows)
+    row["first_step_s"] = max(r["first_step_s"] for r in rows)
+    row.pop("step_start_ns", None)
+    row.update(common)
     return row
 
 

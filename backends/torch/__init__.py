@@ -1,6 +1,6 @@
 """The PyTorch backend's metadata (imports no framework; the implementation is ``impl``)."""
 
-from harness.backend import BackendInfo, Capabilities
+from harness.backend import BackendInfo, Capabilities, DataParallel
 
 
 class TorchInfo(BackendInfo):
@@ -17,11 +17,19 @@ class TorchInfo(BackendInfo):
     impl = "backends.torch.impl:TorchBackend"
     builders = "backends.torch.builders"
     exec_modes = ("eager", "compile")
-    options = {"memory_format": ("contiguous", "channels_last")}
-    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=False,
+    options = {"memory_format": ("contiguous", "channels_last"), "dp_bn": ("broadcast", "sync")}
+    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=True,
                                 devices=("cpu", "cuda"), precisions=("fp32", "tf32", "amp-bf16", "amp-fp16"))
     known_gaps: dict[str, str] = {}
     bn_variance = "unbiased"
+    data_parallel = DataParallel(engine="torch.nn.parallel.DistributedDataParallel",
+                                 transports={"cpu": "gloo", "cuda": "nccl"},
+                                 launcher="a process per rank, TCP rendezvous on 127.0.0.1 (init_method tcp://)",
+                                 bn="broadcast", ports=1)
+
+    def dp_env(self, rendezvous) -> dict[str, str]:
+        # Gloo binds to the interface its host name resolves to unless told: loopback only.
+        return {"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
 
 
 INFO = TorchInfo()

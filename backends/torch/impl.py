@@ -16,14 +16,19 @@ Conventions handled here (see harness/ops.py for the canonical ones):
     * ReLU and add run in place where torchvision's own models do (the producer is a conv,
       BN, linear or add whose output nobody else reads), which saves memory as theirs does.
     * GELU is the exact erf form (``approximate="none"``).
+    * Data parallel: DistributedDataParallel over gloo (CPU) or nccl (CUDA, one GPU per rank);
+      BN running statistics follow DDP's broadcast_buffers (rank 0's, copied to every rank
+      before each forward); option ``dp_bn=sync`` converts BN to SyncBatchNorm (CUDA only).
 """
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -147,12 +152,58 @@ class TorchBackend(Backend):
         self.module = module.to(self.device, self.dtype)  # constants made from numpy (pool divisors) follow
         if self.memory_format is torch.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
-        self.model = torch.compile(self.module) if config.exec_mode == "compile" else self.module
+        self.model = self.module
+        if getattr(self, "rendezvous", None) is not None:
+            self.model = self._data_parallel(config)
+        elif config.options.get("dp_bn", "broadcast") != "broadcast":
+            raise UnsupportedError("torch backend: dp_bn=sync needs a data-parallel cell (--workers)")
+        if config.exec_mode == "compile":
+            self.model = torch.compile(self.model)
         params = [p for p in self.module.parameters() if p.requires_grad]
         opt = config.optimizer
         self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum,
                                          weight_decay=opt.weight_decay) if params else None
         self.scaler = torch.amp.GradScaler("cuda") if prec == "amp-fp16" else None
+
+    def _data_parallel(self, config: BuildConfig):
+        if config.options.get("dp_bn") == "sync":
+            if self.device.type != "cuda":
+                raise UnsupportedError("torch backend: SyncBatchNorm runs on CUDA only (dp_bn=sync)")
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.module, device_ids=ids, broadcast_buffers=True)
+
+    # data parallel -------------------------------------------------------------
+
+    def init_distributed(self, rendezvous) -> dict[str, Any]:
+        kind, _ = split_device(rendezvous.device)
+        transport = "nccl" if kind == "cuda" else "gloo"
+        dist.init_process_group(transport, init_method=f"tcp://{rendezvous.host}:{rendezvous.ports[0]}",
+                                rank=rendezvous.rank, world_size=rendezvous.world,
+                                timeout=datetime.timedelta(seconds=600))
+        self.rendezvous = rendezvous
+        return {"transport": transport, "dp_engine": "DistributedDataParallel", "torch_dist_backend": dist.get_backend()}
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
+        import time
+
+        t = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=self.device)
+        dist.all_reduce(t)
+        out = []
+        for _ in range(iters):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            self.synchronize()
+            out.append(time.perf_counter() - start)
+        return out
+
+    def shutdown_distributed(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     @staticmethod
     def _device(device: str):

@@ -1,0 +1,270 @@
+"""Data-parallel runs: N rank processes on the framework's own engine, plus its helper processes.
+
+Framework-free. The parent picks free ports on 127.0.0.1, starts the backend's helper
+processes (MXNet's ps-lite scheduler and servers, MindSpore's scheduler) and then one process
+per rank, each in its own session, with the rendezvous in its environment
+(``BackendInfo.dp_env``). It watches them all under one timeout. The first rank that fails
+(an error row, a non-zero exit, a signal) is the run's failure; the others, blocked in a
+collective, are then given a short grace and killed, helpers too. Whatever happens, every
+process group started here is ended before :func:`launch` returns.
+
+Within a rank (harness.cell), each timed step runs between two barriers of the engine, so the
+step time of the group is the slowest rank's; the clocks are ``perf_counter_ns`` (Linux's
+CLOCK_MONOTONIC, one clock for all processes of a host), which also gives the window over which
+global throughput counts every rank's samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HOST = "127.0.0.1"
+"""Every rank, server and scheduler binds here: data-parallel runs never leave the host."""
+
+SCALINGS = ("weak", "strong")
+"""weak: the per-worker batch is fixed (the global batch grows with N); strong: the global batch is."""
+
+FAILURE_GRACE_S = 5.0
+"""After the first rank fails, how long the others get to report their own failure before they
+are killed (a rank blocked in a collective on the failed one never returns by itself)."""
+
+FAULT_ENV = "SAMENET_DP_FAULT"
+"""Fault injection for the data-parallel tests: ``RANK:KIND`` with KIND crash (an exception),
+exit (os._exit), hang (sleeps) or kill (SIGKILL to itself), after the first timed step."""
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """What one rank needs to join its group.
+
+    Attributes:
+        rank: This process's rank, 0..world-1.
+        world: Number of ranks (workers).
+        host: Address every process binds to (HOST).
+        ports: Free ports picked by the parent, as many as the backend declares.
+        device: The cell's device (``cpu``, ``cuda``: one GPU per rank, ``cuda:<rank>``).
+    """
+
+    rank: int
+    world: int
+    host: str = HOST
+    ports: tuple[int, ...] = ()
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ports": list(self.ports)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rendezvous":
+        return cls(**(d | {"ports": tuple(d.get("ports", ()))}))
+
+
+@dataclass(frozen=True)
+class Helper:
+    """A helper process of a backend's engine (started before the ranks, ended after them).
+
+    Attributes:
+        role: What it is, for error messages (``scheduler``, ``server 0``).
+        argv: Its arguments after the interpreter (``["-c", "import mxnet"]``).
+        env: Variables added to the cell's environment.
+    """
+
+    role: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """How one process of a run ended.
+
+    Attributes:
+        role: ``rank N`` or a helper's role.
+        code: Exit code (negative: killed by that signal); None if it was still running.
+        killed: Ended by the launcher (after another's failure, a timeout, or at the end).
+        ended_at: ``time.monotonic()`` when it was seen to end on its own.
+        log_tail: The end of its output.
+    """
+
+    role: str
+    code: int | None = None
+    killed: bool = False
+    ended_at: float | None = None
+    log_tail: str = ""
+
+
+@dataclass
+class RunResult:
+    """All processes of a data-parallel run, and what went wrong first.
+
+    Attributes:
+        ranks: One Outcome per rank.
+        helpers: One Outcome per helper.
+        timed_out: The run passed its timeout (every process was killed).
+        failure: ``(role, reason)`` of the first failure, None when every rank succeeded.
+        wall_s: Seconds from the first start to the last end.
+    """
+
+    ranks: list[Outcome]
+    helpers: list[Outcome]
+    timed_out: bool = False
+    failure: tuple[str, str] | None = None
+    wall_s: float = 0.0
+
+
+def free_ports(n: int, host: str = HOST) -> tuple[int, ...]:
+    """``n`` distinct ports free on ``host`` now (held open together, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return tuple(s.getsockname()[1] for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def describe_exit(code: int) -> str:
+    return f"killed by {_signal_name(code)}" if code < 0 else f"exit code {code}"
+
+
+def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: list[Helper], env: dict[str, str],
+           cwd: Path, timeout: float, failed: Callable[[int, int], str | None] | None = None,
+           grace: float = FAILURE_GRACE_S) -> RunResult:
+    """Runs one data-parallel group to its end; never leaves a process behind.
+
+    Args:
+        python: The interpreter of every process.
+        ranks: Per rank, its arguments after the interpreter and the variables it adds.
+        helpers: The engine's helper processes, started first.
+        env: The environment every process starts from.
+        cwd: Working folder (logs go to ``cwd/<role>.log``).
+        timeout: Seconds for the whole group.
+        failed: ``(rank, exit code) -> reason`` for a rank that ended, or None if it succeeded
+            (default: any non-zero exit is a failure). Lets the caller read the rank's row.
+        grace: Seconds the others get after the first failure.
+    """
+    failed = failed or (lambda rank, code: describe_exit(code) if code else None)
+    procs: list[tuple[Outcome, subprocess.Popen, Path]] = []
+    start = time.monotonic()
+
+    def spawn(role: str, argv: list[str], extra: dict[str, str]) -> None:
+        log = cwd / (role.replace(" ", "_") + ".log")
+        with open(log, "wb") as f:
+            p = subprocess.Popen([python, *argv], env=env | extra, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        procs.append((Outcome(role), p, log))
+
+    result = RunResult([], [])
+    try:
+        for h in helpers:
+            spawn(h.role, h.argv, h.env)
+        for r, (argv, extra) in enumerate(ranks):
+            spawn(f"rank {r}", argv, extra)
+        n_helpers = len(helpers)
+        deadline, kill_at = start + timeout, None
+        while True:
+            now = time.monotonic()
+            running = 0
+            for i, (out, p, _) in enumerate(procs):
+                if out.code is not None:
+                    continue
+                code = p.poll()
+                if code is None:
+                    running += i >= n_helpers
+                    continue
+                out.code, out.ended_at = code, now
+                if result.failure is None:
+                    if i >= n_helpers:
+                        reason = failed(i - n_helpers, code)
+                    else:  # a helper may only end after every rank has
+                        reason = None if all(o.code is not None for o, _, _ in procs[n_helpers:]) else \
+                            f"{out.role} ended early ({describe_exit(code)})"
+                    if reason:
+                        result.failure = (out.role, reason)
+                        kill_at = now + grace
+            if not running:
+                break
+            if now >= deadline:
+                result.timed_out = True
+                if result.failure is None:
+                    result.failure = ("all ranks", f"no result within {timeout:.0f} s (killed)")
+                break
+            if kill_at is not None and now >= kill_at:
+                break
+            time.sleep(0.05)
+    finally:
+        for out, p, _ in procs:
+            if p.poll() is None:
+                out.killed = True
+            _kill_group(p)  # also ends anything a process started in its session
+        for out, p, log in procs:
+            code = p.wait()
+            if out.code is None:
+                out.code = code
+            try:
+                out.log_tail = log.read_text(errors="replace")[-3000:]
+            except OSError:
+                pass
+        result.wall_s = time.monotonic() - start
+    result.helpers = [o for o, _, _ in procs[:len(helpers)]]
+    result.ranks = [o for o, _, _ in procs[len(helpers):]]
+    return result
+
+
+def inject_fault(rank: int, where: str) -> None:
+    """Acts on FAULT_ENV (tests only): fails this rank the way it names, at ``where``."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, _, kind = spec.partition(":")
+    if int(target) != rank or where != "step":
+        return
+    if kind == "crash":
+        raise RuntimeError(f"injected fault: rank {rank} crashed")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "hang":
+        time.sleep(10_000)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ring_allreduce_s(nbytes: int, world: int, bus_bytes_per_s: float) -> float:
+    """The ring all-reduce model's time: 2 (N-1) / N * S / B."""
+    return 2 * (world - 1) / world * nbytes / bus_bytes_per_s if world > 1 and bus_bytes_per_s else 0.0
+
+
+def bus_bandwidth(nbytes: int, world: int, seconds: float) -> float:
+    """Bus bandwidth (bytes/s) of an all-reduce of ``nbytes`` taking ``seconds`` (NCCL-tests' busbw)."""
+    return 2 * (world - 1) / world * nbytes / seconds if seconds > 0 and world > 1 else 0.0
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    tmp.replace(path)
