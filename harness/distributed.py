@@ -165,7 +165,9 @@ def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: 
         cwd: Working folder (logs go to ``cwd/<role>.log``).
         timeout: Seconds for the whole group.
         failed: ``(rank, exit code) -> reason`` for a rank that ended, or None if it succeeded
-            (default: any non-zero exit is a failure). Lets the caller read the rank's row.
+            (default: any non-zero exit is a failure). Lets the caller read the rank's row; a
+            ``(reason, time.monotonic() of the report)`` pair marks a failure the rank reported
+            itself, which ranks after any death without a report, then by time.
         grace: Seconds the others get after the first failure.
     """
     failed = failed or (lambda rank, code: describe_exit(code) if code else None)
@@ -187,6 +189,7 @@ def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: 
             spawn(f"rank {r}", argv, extra)
         n_helpers = len(helpers)
         deadline, kill_at = start + timeout, None
+        failures: list[tuple[int, float, str, str]] = []  # (reported, when, role, reason)
         while True:
             now = time.monotonic()
             running = 0
@@ -198,25 +201,30 @@ def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: 
                     running += i >= n_helpers
                     continue
                 out.code, out.ended_at = code, now
-                if result.failure is None:
-                    if i >= n_helpers:
-                        reason = failed(i - n_helpers, code)
-                    else:  # a helper may only end after every rank has
-                        reason = None if all(o.code is not None for o, _, _ in procs[n_helpers:]) else \
-                            f"{out.role} ended early ({describe_exit(code)})"
-                    if reason:
-                        result.failure = (out.role, reason)
-                        kill_at = now + grace
+                if i >= n_helpers:
+                    verdict = failed(i - n_helpers, code)
+                else:  # a helper may only end after every rank has
+                    verdict = None if all(o.code is not None for o, _, _ in procs[n_helpers:]) else \
+                        (f"{out.role} ended early ({describe_exit(code)})", None)
+                if verdict:
+                    reason, reported_at = verdict if isinstance(verdict, tuple) else (verdict, None)
+                    failures.append((reported_at is not None, reported_at or now, out.role, reason))
+                    kill_at = kill_at or now + grace
             if not running:
                 break
             if now >= deadline:
                 result.timed_out = True
-                if result.failure is None:
-                    result.failure = ("all ranks", f"no result within {timeout:.0f} s (killed)")
                 break
             if kill_at is not None and now >= kill_at:
                 break
             time.sleep(0.05)
+        # The cause is a process that died without reporting (its peers then report a broken
+        # connection), else the earliest report.
+        if failures:
+            _, _, role, reason = min(failures)
+            result.failure = (role, reason)
+        elif result.timed_out:
+            result.failure = ("all ranks", f"no result within {timeout:.0f} s (killed)")
     finally:
         for out, p, _ in procs:
             if p.poll() is None:

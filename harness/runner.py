@@ -161,10 +161,10 @@ def run_data_parallel(cell: Cell, python: str, timeout: float) -> tuple[dict, fl
             path = tmp_path / f"row{r}.json"
             return json.loads(path.read_text()) if path.exists() else None
 
-        def failed(r: int, code: int) -> str | None:
+        def failed(r: int, code: int):
             row = read(r)
             if row is not None and row.get("status") != "ok":
-                return f"{row.get('status')}: {row.get('error', '')}"
+                return f"{row.get('status')}: {row.get('error', '')}", reported_at(tmp_path / f"row{r}.json")
             if row is None or code:
                 return f"{describe_exit(code)} without a result" if row is None else describe_exit(code)
             return None
@@ -173,6 +173,11 @@ def run_data_parallel(cell: Cell, python: str, timeout: float) -> tuple[dict, fl
         rows = [read(r) for r in range(cell.workers)]
     load_after = os.getloadavg()[0]
     return merge_rank_rows(cell, info, rows, result), result.wall_s, load_before, load_after
+
+
+def reported_at(path: Path) -> float:
+    """When a file was written, on the time.monotonic() clock."""
+    return time.monotonic() - (time.time() - path.stat().st_mtime)
 
 
 def merge_rank_rows(cell: Cell, info, rows: list[dict | None], result) -> dict:
@@ -191,11 +196,12 @@ def merge_rank_rows(cell: Cell, info, rows: list[dict | None], result) -> dict:
               "rank_pids": [r.get("pid") if r else None for r in rows]}
     if result.failure is not None:
         role, reason = result.failure
-        first = next((r for r in rows if r and r.get("status") not in (None, "ok")), None)
-        status = "timeout" if result.timed_out else (first.get("status") if first else "crash")
+        index = int(role.split()[1]) if role.startswith("rank ") else None
+        own = rows[index] if index is not None else None
+        status = "timeout" if result.timed_out else (own or {}).get("status", "crash")
         outcome = next((o for o in result.ranks + result.helpers if o.role == role), None)
-        row = {k: v for k, v in (first or next((r for r in rows if r), {}) or {}).items()
-               if k not in ("status", "error", "samples_ns")}
+        base = own or next((r for r in rows if r), None) or {}
+        row = {k: v for k, v in base.items() if k not in ("status", "error", "samples_ns", "step_start_ns")}
         row.update(common, status=status if status in ("error", "oom", "unsupported", "timeout") else "crash",
                    error=f"{role}: {reason}", failing_rank=role,
                    log_tail=outcome.log_tail if outcome else "",

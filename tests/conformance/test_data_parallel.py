@@ -1,0 +1,70 @@
+"""Data-parallel tier: 2 CPU ranks on the framework's own engine against the numpy oracle.
+
+For a backend that declares the ``data_parallel`` capability: two ranks of 4 images each take
+two SGD steps of LeNet-5 (no BatchNorm) and of ResNet-18 (BatchNorm, under the backend's
+declared data-parallel BN semantics), and every rank's loss and parameters, BN running
+statistics included, must equal the oracle's (harness.dp_parity) at the conformance
+tolerances. A measured data-parallel cell must give one row with the group's figures, and a
+rank killed mid-run one row naming it, with every process of the group ended. The launcher's
+other faults (an exception, a hang, a helper that dies) are tested framework-free in
+tests/core/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import psutil
+import pytest
+
+from harness.cell import Cell
+from harness.distributed import FAULT_ENV
+from harness.dp_parity import DP_MODELS, case_errors, dp_case, run_case
+from harness.runner import run_cell
+
+_cases: dict = {}
+
+
+@pytest.fixture
+def dp_info(backend_info, requires):
+    requires("data_parallel")
+    return backend_info
+
+
+@pytest.mark.parametrize("model", DP_MODELS)
+def test_two_ranks_take_the_oracles_steps(dp_info, known_gap, model):
+    known_gap(f"dp:{model}")
+    bn = dp_info.data_parallel.bn
+    key = (model, bn, dp_info.bn_variance)
+    if key not in _cases:
+        _cases[key] = dp_case(model, bn, bn_unbiased=dp_info.bn_variance == "unbiased")
+    case = _cases[key]
+    got, failure = run_case(dp_info.name, case, sys.executable, threads=1, timeout=600)
+    assert not failure, f"{failure.get('error')}\n{failure.get('log_tail', '')[-1500:]}"
+    errors = case_errors(case, got)
+    assert not errors["problems"], errors["problems"][:4]
+
+
+def _no_children_left() -> list:
+    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_data_parallel_cell_is_one_row_of_the_group(dp_info):
+    cell = Cell(backend=dp_info.name, model="lenet5", mode="train", batch=4, workers=2, threads=1, warmup=1, iters=3)
+    row = run_cell(cell, sys.executable, timeout=600)
+    assert row["status"] == "ok", f"{row.get('error')}\n{row.get('log_tail', '')[-1500:]}"
+    assert row["workers"] == 2 and row["global_batch"] == 8 and row["batch_per_worker"] == 4
+    assert row["transport"] == dp_info.data_parallel.transports["cpu"]
+    assert len(row["samples_ns"]) == 3 and len(row["rank_step_median_s"]) == 2
+    assert row["step_median_s"] >= max(row["rank_step_median_s"]) * 0.999  # the slowest rank's
+    assert row["grad_bytes"] == 4 * 61706 and row["allreduce_median_s"] > 0 and row["ring_model_s"] > 0
+    assert not _no_children_left()
+
+
+def test_a_killed_rank_gives_one_row_and_ends_the_group(dp_info, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "1:kill")
+    cell = Cell(backend=dp_info.name, model="lenet5", mode="train", batch=4, workers=2, threads=1, warmup=1, iters=3)
+    row = run_cell(cell, sys.executable, timeout=600)
+    assert row["status"] == "crash", row
+    assert row["error"].startswith("rank 1: ") and "SIGKILL" in row["error"], row["error"]
+    assert not _no_children_left()
