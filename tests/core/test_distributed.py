@@ -1,0 +1,135 @@
+"""The data-parallel launcher and oracle, framework-free.
+
+The launcher runs plain Python processes standing in for ranks and helpers: it must name the
+first failure (a crash, a hang, a kill, a helper that dies), end every process it started and
+every process those started, and keep to its timeout. The oracle must equal the one-process
+oracle on the global batch for a network without BatchNorm, in every BN semantics, and must
+not for a BatchNorm network (the negative control: otherwise the BN test proves nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from harness.distributed import Helper, free_ports, launch
+
+OK = ["-c", "import time; time.sleep(0.2)"]
+HANG = ["-c", "import time; time.sleep(1000)"]
+CRASH = ["-c", "import sys, time; time.sleep(0.3); sys.exit(3)"]
+KILL = ["-c", "import os, signal, time; time.sleep(0.3); os.kill(os.getpid(), signal.SIGKILL)"]
+# A rank that starts a grandchild, then blocks (as a rank in a collective with a dead peer).
+PARENT_OF_SLEEPER = ["-c", "import subprocess, sys, time; p = subprocess.Popen(['sleep', '1000']); "
+                           "open('grandchild.pid', 'w').write(str(p.pid)); time.sleep(1000)"]
+
+
+def run(tmp_path, ranks, helpers=(), timeout=30.0, grace=1.0, failed=None):
+    return launch(sys.executable, [(argv, {}) for argv in ranks], list(helpers), dict(os.environ), tmp_path,
+                  timeout, failed, grace)
+
+
+def alive_children():
+    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_group_that_succeeds_has_no_failure(tmp_path):
+    result = run(tmp_path, [OK, OK], [Helper("scheduler", HANG)])
+    assert result.failure is None and not result.timed_out
+    assert [o.code for o in result.ranks] == [0, 0]
+    assert result.helpers[0].killed  # helpers end with the group
+    assert not alive_children()
+
+
+def test_a_crashed_rank_is_named_and_its_blocked_peer_ended(tmp_path):
+    start = time.monotonic()
+    result = run(tmp_path, [PARENT_OF_SLEEPER, CRASH])
+    assert result.failure == ("rank 1", "exit code 3")
+    assert result.ranks[0].killed and time.monotonic() - start < 10
+    grandchild = int((tmp_path / "grandchild.pid").read_text())
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert not alive_children()
+
+
+def test_a_killed_rank_is_the_cause_not_the_peer_that_reports_it(tmp_path):
+    # Rank 0 reports an error (a broken connection) after rank 1 died without a word.
+    def failed(rank, code):
+        return ("error: connection closed by peer", time.monotonic()) if rank == 0 else (
+            f"killed ({code})" if code else None)
+
+    result = run(tmp_path, [["-c", "import time, sys; time.sleep(0.6); sys.exit(1)"], KILL], failed=failed)
+    assert result.failure[0] == "rank 1" and "-9" in result.failure[1]
+    assert not alive_children()
+
+
+def test_a_hanging_group_times_out_and_every_process_is_ended(tmp_path):
+    start = time.monotonic()
+    result = run(tmp_path, [HANG, HANG], [Helper("server 0", HANG)], timeout=1.5)
+    assert result.timed_out and result.failure[0] == "all ranks"
+    assert all(o.killed for o in result.ranks + result.helpers)
+    assert time.monotonic() - start < 8
+    assert not alive_children()
+
+
+def test_a_helper_that_dies_early_fails_the_group(tmp_path):
+    result = run(tmp_path, [HANG, HANG], [Helper("scheduler", CRASH)])
+    assert result.failure == ("scheduler", "scheduler ended early (exit code 3)")
+    assert not alive_children()
+
+
+def test_free_ports_are_distinct_and_bindable():
+    import socket
+
+    ports = free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def _oracles(ir, workers=2, per_worker=2, seed=0):
+    from harness import conformance, init, probe
+    from harness.dp_parity import dp_oracle
+
+    weights = probe.probe_weights(ir, seed)
+    x = init._normal(conformance.stream(seed, "t"), (workers * per_worker, *ir.input_shape)).astype(np.float32)
+    y = np.arange(workers * per_worker) % int(np.prod(ir.output_shape))
+    single = conformance._oracle("t", ir, weights, x, y, 0, True, opt=conformance.PARITY_OPTIMIZER)
+    return single, {bn: dp_oracle(ir, weights, x, y, workers, bn, conformance.PARITY_OPTIMIZER)
+                    for bn in ("local", "broadcast", "mean", "sync")}
+
+
+def _max_diff(single, steps):
+    return max(float(np.abs(ranks[r][k].astype(np.float64) - want[k]).max())
+               for ranks, want in zip(steps, single.steps) for r in range(len(ranks)) for k in want)
+
+
+def test_without_batchnorm_every_semantics_is_the_global_batch_oracle():
+    from harness import zoo
+
+    single, dp = _oracles(zoo.load_for_test("lenet5"))
+    for bn, (losses, steps) in dp.items():
+        assert _max_diff(single, steps) <= 1e-6, bn
+        # The ranks' mean loss is the global batch's loss.
+        assert np.mean(losses[0]) == pytest.approx(single.losses[0], rel=1e-12), bn
+
+
+def test_with_batchnorm_the_semantics_differ_and_sync_is_the_global_batch():
+    from harness.conformance import op_case_ids, op_case_ir
+
+    op, case = next((op, case) for case_id, op, case in op_case_ids() if case_id == "op:batchnorm/2d")
+    ir = op_case_ir(op, case, for_training=True)
+    single, dp = _oracles(ir)
+    assert _max_diff(single, dp["sync"][1]) <= 1e-6
+    diffs = {bn: _max_diff(single, dp[bn][1]) for bn in ("local", "broadcast", "mean")}
+    assert min(diffs.values()) > 1e-4, diffs  # per-rank statistics are not the global batch's
+    stats = [n for n, p in ir.params.items() if not p.trainable]
+    last = {bn: dp[bn][1][-1] for bn in dp}
+    # local: the ranks' running statistics differ; mean and sync: every rank holds the same.
+    assert any(np.abs(last["local"][0][n] - last["local"][1][n]).max() > 1e-6 for n in stats)
+    for bn in ("mean", "sync"):
+        assert all(np.array_equal(last[bn][0][n], last[bn][1][n]) for n in stats), bn
