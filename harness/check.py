@@ -32,6 +32,9 @@ Rules (``Thresholds`` holds the numbers):
 * Parity: a status that stops passing is a regression, and so is an error/tolerance ratio that
   grows past ``max(parity_factor * baseline, parity_floor)`` (errors far inside the tolerance
   move with library versions; only growth towards the tolerance matters).
+* Data-parallel scaling: the efficiency of an N-worker entry against its one-worker run
+  (harness.scaling) may drop by ``scaling_pp`` percentage points (or twice its spread), same
+  machine class only.
 * Status: a configuration that was ok and now fails (error, oom, timeout, crash) regressed.
 """
 
@@ -50,7 +53,7 @@ from .errors import UsageError
 FORMAT = "samenet-baseline/1"
 KEYS = {
     "bench": ("backend", "model", "mode", "batch", "input", "device", "precision", "exec_mode", "options", "threads",
-              "cpu_settings"),
+              "cpu_settings", "workers", "scaling"),
     "train": ("backend", "model", "data", "epochs", "batch", "lr", "schedule", "momentum", "weight_decay", "seed",
               "device", "exec_mode"),
     "parity": ("backend", "model"),
@@ -68,6 +71,7 @@ class Thresholds:
     memory_pct: float = 10.0
     memory_mb: float = 20.0
     accuracy_pp: float = 0.5
+    scaling_pp: float = 5.0
     parity_factor: float = 2.0
     parity_floor: float = 0.05
 
@@ -114,7 +118,11 @@ def _plain(v):
 def _key(row, kind: str) -> dict:
     from .tables import _options_text
 
-    return {c: _options_text(row.get(c)) if c == "options" else _plain(row.get(c)) for c in KEYS[kind]}
+    key = {c: _options_text(row.get(c)) if c == "options" else _plain(row.get(c)) for c in KEYS[kind]}
+    if kind == "bench" and key.get("workers") in (None, 1):  # one process: the key before data parallel
+        key.pop("workers", None)
+        key.pop("scaling", None)
+    return key
 
 
 def key_text(key: dict) -> str:
@@ -147,6 +155,13 @@ def summarize(frames: dict) -> list[dict]:
         if df is None or df.empty:
             continue
         df = newest(prepare(df), kind)
+        scaling = {}
+        if kind == "bench":
+            from .scaling import efficiencies
+
+            eff = efficiencies(df)
+            for _, r in (eff.iterrows() if not eff.empty else []):
+                scaling[(r["backend"], r["model"], r["workers"], r["scaling"], r["global_batch"])] = r.get("efficiency")
         groups: dict[str, list] = {}
         for i, (_, r) in enumerate(df.iterrows()):
             groups.setdefault(key_text(_key(r, kind)), []).append(i)
@@ -167,6 +182,12 @@ def summarize(frames: dict) -> list[dict]:
                     e["step_median_s"] = float(np.median(ok["step_median_s"].astype(float)))
                     e["step_rel_spread"] = _rel_spread(ok)
                     e["peak_rss_mb"] = float(np.median(ok["peak_rss_mb"].astype(float)))
+                    workers = _plain(last.get("workers"))
+                    if workers and workers > 1:
+                        eff = scaling.get((last["backend"], last["model"], workers, last.get("scaling"),
+                                           _plain(last.get("global_batch"))))
+                        if eff is not None and eff == eff:
+                            e["scaling_efficiency"] = float(eff)
             elif kind == "train" and len(ok):
                 e["final_test_acc"] = float(ok["final_test_acc"].astype(float).mean())
             elif kind == "parity":
@@ -228,6 +249,20 @@ def _compare_bench(b: dict, r: dict, t: Thresholds, out: list) -> None:
             change=f"{change * 100:+.1f}%", allowed=f"+{tol * 100:.1f}%",
             note=f"spread {b.get('step_rel_spread', 0) * 100:.1f}% / {r.get('step_rel_spread', 0) * 100:.1f}% "
                  f"(relative IQR baseline / run), {b.get('repeats')} / {r.get('repeats')} repeats")
+    _compare_scaling(b, r, t, out)
+
+
+def _compare_scaling(b: dict, r: dict, t: Thresholds, out: list) -> None:
+    """Data-parallel scaling efficiency may drop by ``scaling_pp`` points, or the entries' spread."""
+    be, re_ = b.get("scaling_efficiency"), r.get("scaling_efficiency")
+    if be is None or re_ is None or b.get("machine_class") != r.get("machine_class"):
+        return
+    spread = math.hypot(b.get("step_rel_spread") or 0.0, r.get("step_rel_spread") or 0.0) * be
+    allowed = max(t.scaling_pp / 100, t.spread_factor * spread)
+    drop = be - re_
+    verdict = REGRESSION if drop > allowed else IMPROVED if -drop > allowed else OK
+    out.append(Finding("bench", r["key"], "scaling efficiency", verdict, baseline=f"{be * 100:.0f}%",
+                       run=f"{re_ * 100:.0f}%", change=f"{-drop * 100:+.1f} pp", allowed=f"-{allowed * 100:.1f} pp"))
 
 
 def _compare_train(b: dict, r: dict, t: Thresholds, out: list) -> None:

@@ -88,6 +88,12 @@ def cmd_table(args) -> int:
                       markup=False)
             continue
         out.print(to_rich(p))
+    bench = rows.get("bench")
+    if bench is not None and "workers" in bench and (bench["workers"].fillna(1) > 1).any():
+        from .scaling import scaling_table
+        from .tables import prepare, select
+
+        out.print(scaling_table(prepare(select(bench, models, backends))))
     return 0
 
 

@@ -165,7 +165,10 @@ def results_table(df, title: str):
     for _, r in df.iterrows():
         if r["status"] == "ok":
             ratio = r["step_median_s"] / best.loc[(r["model"], r["mode"], r["batch"], r["input"])]
-            rows.append((r["model"], r["mode"], r["batch"], r["input"], r["backend"], r.get("exec_mode") or "",
+            workers = r.get("workers")
+            workers = f" x{int(workers)} {r.get('scaling')}" if workers == workers and workers and workers > 1 else ""
+            rows.append((r["model"], r["mode"], f"{r['batch']}{workers}", r["input"], r["backend"],
+                         r.get("exec_mode") or "",
                          f"{r['step_median_s'] * 1e3:.1f} [{r['step_p10_s'] * 1e3:.1f}-{r['step_p90_s'] * 1e3:.1f}]",
                          f"{ratio:.2f}x", f"{r['samples_per_s']:.1f}", f"{r['gflops_per_s']:.1f}",
                          f"{r['peak_rss_mb']:.0f}", f"{r['first_step_s']:.2f}", f"{r['import_s']:.1f}", "ok"))
@@ -206,6 +209,12 @@ def cmd_run(args) -> int:
         title = f"{len(rows)} cells measured" + (f" ({len(cells) - len(rows)} already in the results)"
                                                   if len(rows) < len(cells) else "")
     out.print(results_table(df, title))
+    if any(c.workers > 1 for c in cells):
+        from .scaling import scaling_table
+        from .tables import prepare
+
+        store_rows = latest(load(store.root, store_kind))
+        out.print(scaling_table(prepare(store_rows[store_rows["machine_class"] == machine_class()])))
     failed = [r for r in rows if r.get("status") != "ok"]
     return 1 if failed and len(failed) == len(rows) else 0
 

@@ -101,6 +101,9 @@ def latest(df):
     if df.empty:
         return df
     df = df.assign(options_text=df["options"].astype(str)) if "options" in df else df
+    if "workers" in df:  # one-process rows predate the column
+        df = df.assign(workers_text=df["workers"].fillna(1).astype(int).astype(str) + df["scaling"].fillna("").astype(str)
+                       .where(df["workers"].fillna(1) > 1, ""))
     keys = [c for c in ("backend", "model", "mode", "batch", "input", "device", "precision", "exec_mode",
-                        "options_text", "threads", "cpu_settings", "repeat", "machine_class") if c in df]
-    return df.drop_duplicates(keys, keep="last").drop(columns=["options_text"], errors="ignore")
+                        "options_text", "threads", "cpu_settings", "workers_text", "repeat", "machine_class") if c in df]
+    return df.drop_duplicates(keys, keep="last").drop(columns=["options_text", "workers_text"], errors="ignore")

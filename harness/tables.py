@@ -34,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 
 # Configuration columns that become index levels when they vary within the rows.
-VARYING = ("input", "device", "precision", "threads", "cpu_settings", "machine_class")
+VARYING = ("input", "device", "precision", "threads", "cpu_settings", "workers", "scaling", "machine_class")
 # Columns that identify one training run (several seeds of one configuration are aggregated).
 TRAIN_KEYS = ("backend", "model", "data", "epochs", "batch", "lr_text", "schedule", "momentum", "weight_decay",
               "device", "exec_mode", "seed")
