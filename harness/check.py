@@ -56,7 +56,7 @@ KEYS = {
               "cpu_settings", "workers", "scaling"),
     "train": ("backend", "model", "data", "epochs", "batch", "lr", "schedule", "momentum", "weight_decay", "seed",
               "device", "exec_mode"),
-    "parity": ("backend", "model"),
+    "parity": ("backend", "model", "workers"),
 }
 EXACT = ("params_trainable", "params_non_trainable", "macs_per_sample")
 REGRESSION, IMPROVED, OK, SKIPPED, NEW, NOT_RUN = "REGRESSION", "improved", "ok", "skipped", "new", "not run"
@@ -119,7 +119,7 @@ def _key(row, kind: str) -> dict:
     from .tables import _options_text
 
     key = {c: _options_text(row.get(c)) if c == "options" else _plain(row.get(c)) for c in KEYS[kind]}
-    if kind == "bench" and key.get("workers") in (None, 1):  # one process: the key before data parallel
+    if key.get("workers", 1) in (None, 1):  # one process: the key before data parallel
         key.pop("workers", None)
         key.pop("scaling", None)
     return key

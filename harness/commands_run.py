@@ -245,10 +245,13 @@ def parity_table(df, model: str):
 
 
 def _configure_parity(p):
-    p.add_argument("--models", default="all", help="comma-separated models, 'quick' (the conformance suite's "
-                   "quick training set) or 'all' (default)")
+    p.add_argument("--models", help="comma-separated models, 'quick' (the conformance suite's "
+                   "quick training set) or 'all' (default; with --workers: lenet5,resnet18)")
     p.add_argument("--backends", default="all", help="comma-separated backends or 'all' (default: those installed "
                                                      "here or with a tox env)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="N > 1: data-parallel parity instead: N ranks on each framework's own engine take two steps "
+                        "against the oracle of N workers (default models: lenet5,resnet18)")
     p.add_argument("--no-forward", action="store_true", help="skip the forward check")
     p.add_argument("--no-train", action="store_true", help="skip the training-step check")
     p.add_argument("--threads", type=int, default=None)
@@ -276,6 +279,13 @@ def cmd_parity(args) -> int:
                 console(stderr=True).print(f"note: backend {b} skipped: no env with its framework (tox -e {b})")
     else:
         backends = parse_list(args.backends, "--backends", known)
+    if args.workers < 1:
+        raise UsageError(f"--workers: must be positive, got {args.workers}")
+    if args.workers > 1 and not args.models:
+        from .dp_parity import DP_MODELS
+
+        args.models = ",".join(DP_MODELS)
+    args.models = args.models or "all"
     if args.models.strip() == "quick":
         from .conformance import training_models
 
@@ -292,8 +302,15 @@ def cmd_parity(args) -> int:
         def on_row(row):
             err.print(f"{row['backend']} {row['model']}: {row['status']} {row.get('reason', '')}", markup=False)
 
-        for row in run_backend(b, models, python_for(b, overrides), not args.no_forward, not args.no_train, threads,
-                               args.timeout, on_row):
+        if args.workers > 1:
+            from .parity import run_data_parallel
+
+            got = run_data_parallel(b, models, python_for(b, overrides), args.workers,
+                                    max(1, threads // args.workers), args.timeout, on_row)
+        else:
+            got = run_backend(b, models, python_for(b, overrides), not args.no_forward, not args.no_train, threads,
+                              args.timeout, on_row)
+        for row in got:
             store.write(row)
             rows.append(row)
     df = pd.DataFrame(rows)

@@ -319,6 +319,46 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
     return [rows[m] for m in models if m in rows]
 
 
+def run_data_parallel(backend: str, models: list[str], python: str, workers: int, threads: int, timeout: float,
+                      on_row=None) -> list[dict]:
+    """Data-parallel parity rows: ``workers`` ranks' two steps per model against the oracle of
+    the same group under the backend's declared BN semantics (harness.dp_parity)."""
+    from . import backend as registry
+    from .dp_parity import DP_PER_WORKER, case_errors, dp_case, run_case
+
+    info = registry.get(backend)
+    rows = []
+    for model in models:
+        row = {"kind": "parity", "row_version": ROW_VERSION, "backend": backend, "model": model, "workers": workers,
+               "batch_per_worker": DP_PER_WORKER, "threads": threads}
+        start = time.perf_counter()
+        if not info.capabilities.data_parallel or info.data_parallel is None:
+            row.update(status="unsupported", reason=f"backend {backend} declares no data-parallel training")
+        else:
+            row["dp_bn"] = info.data_parallel.bn
+            try:
+                case = dp_case(model, info.data_parallel.bn, workers, bn_unbiased=info.bn_variance == "unbiased")
+                got, failure = run_case(backend, case, python, threads, timeout)
+                if failure:
+                    row.update(status="error" if failure["status"] != "timeout" else "crash",
+                               reason=failure["error"], log_tail=failure.get("log_tail"))
+                else:
+                    errors = case_errors(case, got)
+                    row.update(loss_rel_diff=errors["loss_rel_diff"], train_worst_ratio=errors["train_worst_ratio"],
+                               status="mismatch" if errors["problems"] else "pass",
+                               reason="; ".join(errors["problems"][:3]))
+            except Exception as exc:  # noqa: BLE001  (one model's failure is its row)
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+        gap = info.gap_reason(f"dp:{model}")
+        if gap:
+            row["known_gap"] = gap
+        row["wall_s"] = time.perf_counter() - start
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
+
+
 def _gap(backend: str, model: str) -> str | None:
     from . import backend as registry
 

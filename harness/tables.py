@@ -246,7 +246,7 @@ def newest(df, source: str):
             last = df.groupby("cell_key")["machine_class"].transform("last")
             df = df[(df["machine_class"] == last) | df["machine_class"].isna()]
         return df
-    keys = [k for k in (TRAIN_KEYS if source == "train" else ("backend", "model")) if k in df]
+    keys = [k for k in (TRAIN_KEYS if source == "train" else ("backend", "model", "workers")) if k in df]
     text = df[keys].astype(str)
     return df.loc[~text.duplicated(keep="last")]
 

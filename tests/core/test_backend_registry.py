@@ -117,6 +117,12 @@ def test_capabilities_are_declared_in_known_terms(name):
     assert info.exec_modes and all(values for values in info.options.values())
     assert info.bn_variance in ("unbiased", "biased")
     assert info.impl.count(":") == 1
+    # Data parallel: the capability and its declaration go together, in the oracle's terms.
+    dp = info.data_parallel
+    assert caps.data_parallel == (dp is not None)
+    if dp is not None:
+        assert caps.train and dp.bn in registry.DP_BN_SEMANTICS and dp.ports >= 1
+        assert set(dp.transports) <= set(caps.devices) and "cpu" in dp.transports
 
 
 def test_undeclared_precision_and_device_are_unsupported():

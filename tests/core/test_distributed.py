@@ -133,3 +133,24 @@ def test_with_batchnorm_the_semantics_differ_and_sync_is_the_global_batch():
     assert any(np.abs(last["local"][0][n] - last["local"][1][n]).max() > 1e-6 for n in stats)
     for bn in ("mean", "sync"):
         assert all(np.array_equal(last[bn][0][n], last[bn][1][n]) for n in stats), bn
+
+
+def test_the_comparison_passes_the_oracle_and_catches_one_rank_off():
+    from harness.conformance import PARITY_OPTIMIZER, op_case_ids, op_case_ir
+    from harness import init, probe, conformance
+    from harness.dp_parity import DataParallelCase, RankSteps, case_errors, dp_oracle
+
+    op, case = next((op, case) for case_id, op, case in op_case_ids() if case_id == "op:batchnorm/2d")
+    ir = op_case_ir(op, case, for_training=True)
+    weights = probe.probe_weights(ir, 0)
+    x = init._normal(conformance.stream(0, "t"), (4, *ir.input_shape)).astype(np.float32)
+    y = np.arange(4) % int(np.prod(ir.output_shape))
+    losses, steps = dp_oracle(ir, weights, x, y, 2, "broadcast", PARITY_OPTIMIZER)
+    c = DataParallelCase("t", ir, weights, x, y, 2, "broadcast", PARITY_OPTIMIZER, losses, steps)
+    exact = [RankSteps([l[r] for l in losses], [s[r] for s in steps]) for r in range(2)]
+    assert case_errors(c, exact)["problems"] == []
+    # Rank 1 keeping its own running statistics (local) instead of rank 0's (broadcast).
+    _, local = dp_oracle(ir, weights, x, y, 2, "local", PARITY_OPTIMIZER)
+    wrong = [exact[0], RankSteps(exact[1].losses, [s[1] for s in local])]
+    problems = case_errors(c, wrong)["problems"]
+    assert problems and all(p.startswith("rank 1 step 2") for p in problems), problems
