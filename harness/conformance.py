@@ -37,7 +37,7 @@ RTOL = 1e-4
 ATOL = 1e-5
 MODEL_OUTPUT_STD = 0.1
 _CASE_SOURCES = ("ops.py", "init.py", "probe.py", "grads.py", "reference.py", "graph.py", "conformance.py", "ir.py",
-                 "spec.py")
+                 "spec.py", "dp_parity.py")
 
 
 def code_version() -> str:
