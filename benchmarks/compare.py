@@ -45,6 +45,35 @@ def run_impl(impl: str, cell: Cell, python: str, timeout: float) -> dict:
         return json.loads(out.read_text())
 
 
+def run_impl_data_parallel(impl: str, cell: Cell, python: str, timeout: float) -> dict:
+    """IMPL as ``cell.workers`` ranks (harness.distributed.launch); per step the slowest rank's time."""
+    import numpy as np
+
+    from harness.distributed import HOST, Rendezvous, free_ports, launch, write_json
+    from harness.measure import summarize
+
+    info = registry.get(cell.backend)
+    env = child_environment(cell)
+    ports = free_ports(info.data_parallel.ports)
+    with tempfile.TemporaryDirectory(prefix="samenet-bench-dp-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "cell.json").write_text(json.dumps(cell.to_dict()))
+        ranks = []
+        for r in range(cell.workers):
+            rdv = Rendezvous(r, cell.workers, ports=ports)
+            write_json(tmp / f"rdv{r}.json", rdv.to_dict())
+            ranks.append(([str(ROOT / "benchmarks" / "handwritten.py"), impl, "cell.json", f"row{r}.json", "--rank",
+                           f"rdv{r}.json"], info.dp_env(rdv)))
+        result = launch(python, ranks, info.dp_helpers(cell.workers, HOST, ports), env, tmp, timeout)
+        if result.failure:
+            tail = next((o.log_tail for o in result.ranks if o.role == result.failure[0]), "")
+            return {"status": "error", "error": f"{result.failure}: {tail[-1500:]}"}
+        rows = [json.loads((tmp / f"row{r}.json").read_text()) for r in range(cell.workers)]
+    slowest = np.max([r["samples_ns"] for r in rows], axis=0).tolist()
+    return {"status": "ok", "samples_ns": slowest, "first_step_s": max(r["first_step_s"] for r in rows),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), **summarize(slowest)}
+
+
 def check_impl(impl: str, cell: Cell, python: str, timeout: float) -> str:
     """``same``, ``different`` or ``unchecked``: handwritten.py --check, in the cell's child environment."""
     proc = subprocess.run([python, str(ROOT / "benchmarks" / "handwritten.py"), "--check", impl, cell.model],
@@ -71,7 +100,8 @@ def main(argv=None) -> int:
                         "so 2 rounds misjudged a 2%% target and 4 settled it")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--threads", type=int, default=registry.default_threads())
+    p.add_argument("--threads", type=int, default=None, help="threads per process (default: the core budget / workers)")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel ranks (IMPL then takes setup(cell, rendezvous))")
     p.add_argument("--target", type=float, default=None, help="ratio the harness must not exceed")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--name", default=None, help="result file name (default: derived)")
@@ -81,12 +111,14 @@ def main(argv=None) -> int:
 
     options = tuple(sorted(tuple(o.split("=", 1)) for o in args.option))
     shape = tuple(int(d) for d in args.input.split("x")) if args.input else None
+    args.threads = args.threads or max(1, registry.default_threads() // args.workers)
     cell = Cell(backend=args.backend, model=args.model, mode=args.mode, batch=args.batch, input=shape,
-                exec_mode=args.exec_mode, options=options, threads=args.threads, warmup=args.warmup, iters=args.iters)
+                exec_mode=args.exec_mode, options=options, threads=args.threads, warmup=args.warmup, iters=args.iters,
+                workers=args.workers)
     python = python_for(args.backend, {args.backend: args.python} if args.python else None)
     if os.sep in python and not os.access(python, os.X_OK):
         p.error(f"--python: {python}: no such interpreter")
-    same_function = check_impl(args.impl, cell, python, args.timeout)
+    same_function = check_impl(args.impl, cell, python, args.timeout) if args.workers == 1 else "unchecked"
     harness_medians, impl_medians = [], []
     processes = {"harness": [], "impl": []}  # per process: its step times and peak RSS, in run order
     for r in range(args.rounds):
@@ -100,7 +132,8 @@ def main(argv=None) -> int:
                     return 1
                 harness_medians.append(row["step_median_s"])
             else:
-                row = run_impl(args.impl, cell, python, args.timeout)
+                row = (run_impl(args.impl, cell, python, args.timeout) if args.workers == 1 else
+                       run_impl_data_parallel(args.impl, cell, python, args.timeout))
                 if row["status"] != "ok":
                     print(f"{args.impl} failed: {row.get('error')}", file=sys.stderr)
                     return 1
@@ -118,12 +151,15 @@ def main(argv=None) -> int:
     record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "backend": args.backend,
               "impl": args.impl, "impl_function": same_function, "model": args.model, "input": args.input,
               "mode": args.mode, "batch": args.batch,
-              "exec_mode": args.exec_mode, "options": dict(options), "threads": args.threads, "rounds": args.rounds,
+              "exec_mode": args.exec_mode, "options": dict(options), "threads": args.threads, "workers": args.workers,
+              "rounds": args.rounds,
               "warmup": args.warmup, "iters": args.iters, "harness_medians_s": harness_medians,
               "impl_medians_s": impl_medians, "harness_processes": processes["harness"],
               "impl_processes": processes["impl"], "ratio": ratio, "target": args.target,
               "machine_class": machine_class(), **host_environment()}
     out = ROOT / "results" / "benchmarks" / f"{args.name or f'{args.backend}-{args.impl}-{args.mode}'}.json"
+    if args.workers > 1:
+        print(f"workers {args.workers} x {args.threads} threads, the slowest rank's step on both sides")
     out.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps(history + [record], indent=1))

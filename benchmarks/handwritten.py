@@ -82,9 +82,17 @@ def check(impl: str, model: str, batch: str = "2") -> int:
     return 0 if ok else 1
 
 
-def main(impl: str, config: str, out: str) -> int:
+def main(impl: str, config: str, out: str, rank_flag: str | None = None, rendezvous: str | None = None) -> int:
+    """Times IMPL; with ``--rank R RENDEZVOUS.json`` as rank R of a data-parallel group
+    (``setup(cell, rendezvous)``)."""
     cell = Cell.from_dict(json.loads(Path(config).read_text()))
-    step, sync = importlib.import_module(f"impls.{impl}").setup(cell)
+    module = importlib.import_module(f"impls.{impl}")
+    if rank_flag == "--rank":
+        from harness.distributed import Rendezvous
+
+        step, sync = module.setup(cell, Rendezvous.from_dict(json.loads(Path(rendezvous).read_text())))
+    else:
+        step, sync = module.setup(cell)
     t0 = time.perf_counter_ns()
     step()
     sync()
@@ -106,6 +114,6 @@ def main(impl: str, config: str, out: str) -> int:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if not (args[:1] == ["--check"] and len(args) in (3, 4) or args[:1] != ["--check"] and len(args) == 3):
-        sys.exit("usage: handwritten.py IMPL CONFIG.json OUT.json | --check IMPL MODEL [BATCH]")
+    if not (args[:1] == ["--check"] and len(args) in (3, 4) or args[:1] != ["--check"] and len(args) in (3, 5)):
+        sys.exit("usage: handwritten.py IMPL CONFIG.json OUT.json [--rank R RENDEZVOUS.json] | --check IMPL MODEL [BATCH]")
     sys.exit(check(*args[1:]) if args[0] == "--check" else main(*args))
