@@ -5,7 +5,21 @@ program and the HybridBlock that runs it) and ``backends.mxnet.builders`` (the b
 docs/backends/mxnet.md has the design notes.
 """
 
-from harness.backend import BackendInfo, Capabilities
+from harness.backend import BackendInfo, Capabilities, DataParallel
+from harness.distributed import Helper
+
+_PS_HELPER = """
+import sys, time
+try:
+    import mxnet  # DMLC_ROLE=scheduler|server: the import runs ps-lite's node, then sys.exit()
+except SystemExit as exc:
+    if exc.code not in (None, 0):
+        raise
+    # The node ends when the workers finalize, which precedes the ranks' own exit: wait to be
+    # ended by the launcher (a helper that ends before the ranks is a failure).
+    while True:
+        time.sleep(3600)
+"""
 
 
 class MXNetInfo(BackendInfo):
@@ -24,11 +38,33 @@ class MXNetInfo(BackendInfo):
     impl = "backends.mxnet.impl:MXNetBackend"
     builders = "backends.mxnet.builders"
     exec_modes = ("imperative", "hybridized")
-    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=False,
+    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=True,
                                 devices=("cpu", "cuda"), precisions=("fp32", "tf32"))
     """tf32 is GPU-only (build refuses it on the CPU); amp is not implemented."""
     known_gaps: dict[str, str] = {}
     bn_variance = "biased"
+    data_parallel = DataParallel(
+        engine="mxnet.kvstore dist_sync (ps-lite parameter server) + gluon.Trainer(update_on_kvstore=False)",
+        transports={"cpu": "ps-lite (ZeroMQ TCP)", "cuda": "ps-lite (ZeroMQ TCP)"},
+        launcher="ps-lite scheduler + 1 server as helper processes, scheduler on 127.0.0.1:<port>, "
+                 "ranks as DMLC_ROLE=worker",
+        bn="local", ports=1)
+    """Gradients are summed by the server (sync mode) and pulled by every worker; each worker then
+    runs MXNet's SGD locally on sum/world (Trainer.step(world)). BN running statistics are aux
+    states updated in each worker's backward and never pushed: ``local``."""
+
+    @staticmethod
+    def _ps_env(role: str, world: int, host: str, ports) -> dict[str, str]:
+        return {"DMLC_ROLE": role, "DMLC_PS_ROOT_URI": host, "DMLC_PS_ROOT_PORT": str(ports[0]),
+                "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": str(world), "DMLC_NODE_HOST": host,
+                "DMLC_INTERFACE": "lo"}
+
+    def dp_env(self, rendezvous) -> dict[str, str]:
+        return self._ps_env("worker", rendezvous.world, rendezvous.host, rendezvous.ports)
+
+    def dp_helpers(self, world: int, host: str, ports) -> list:
+        return [Helper(role, ["-c", _PS_HELPER], self._ps_env(role.split()[0], world, host, ports))
+                for role in ("scheduler", "server 0")]
 
     def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:
         """MXNet's CPU best practice (docs/faq/perf.md, docs/faq/env_var.md) for ``threads`` cores.

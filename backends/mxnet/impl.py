@@ -26,12 +26,24 @@ heads) inside the train graph; ``autograd.record``, ``backward``, then a gluon T
 MXNet's SGD (momentum, wd). MXNet's SGD is ``state = m * state + lr * (g + wd * w); w -= state``
 with rescale_grad 1 (the loss is already a mean), i.e. PyTorch's rule with state = lr * v
 for a constant lr; Gluon applies wd to every parameter (wd_mult 1), as PyTorch does.
+
+Data parallel (``init_distributed``): a ``dist_sync`` kvstore (ps-lite; the scheduler and one
+server are the harness's helper processes, see the metadata). The Trainer takes it with
+``update_on_kvstore=False``: each step pushes every gradient, the server sums the workers'
+(sync mode) and every worker pulls the sum, then runs the same SGD locally with
+``rescale_grad = 1/world`` (``trainer.step(world)``): ``g = sum/world``, ``state = m*state +
+lr*(g + wd*w)``, the written rule on the mean gradient. The first step broadcasts rank 0's
+parameters (kvstore.broadcast). BN running statistics are aux states, updated by each
+worker's backward and never pushed: ``local``. One data-parallel build per process (the
+Trainer's kvstore keys 0..n-1 stay on the server).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
+import time
 from typing import Any
 
 import mxnet as mx
@@ -100,6 +112,51 @@ class MXNetBackend(Backend):
         self.masks: list = []
         self._gpu_peak = 0.0
 
+    # data parallel -----------------------------------------------------------------
+
+    _world = 1
+    _BENCH_KEY = 1 << 20  # the all-reduce benchmark's kvstore keys (the Trainer's are 0..n-1)
+
+    def init_distributed(self, rendezvous) -> dict[str, Any]:
+        self.rendezvous = rendezvous
+        self.kv = mx.kv.create("dist_sync")  # joins ps-lite (DMLC_* from dp_env); barrier of all nodes
+        if self.kv.num_workers != rendezvous.world:
+            raise RuntimeError(f"mxnet backend: kvstore has {self.kv.num_workers} workers, not {rendezvous.world}")
+        self._world = self.kv.num_workers
+        self._bench_keys = 0
+        return {"transport": self.info.data_parallel.transports["cpu"], "dp_engine": "kvstore dist_sync",
+                "kvstore_type": self.kv.type, "kvstore_rank": self.kv.rank, "kvstore_workers": self.kv.num_workers}
+
+    def barrier(self) -> None:
+        self.kv._barrier()
+
+    def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
+        ctx = getattr(self, "ctx", None) or mx.cpu()
+        key = self._BENCH_KEY + self._bench_keys
+        self._bench_keys += 1
+        t = mx.nd.ones((max(1, nbytes // 4),), ctx=ctx, dtype=np.float32)
+        self.kv.init(key, t)
+        self.kv.pushpull(key, t, out=t)  # the server sums the workers' pushes; each pulls the sum
+        t.wait_to_read()
+        out = []
+        for _ in range(iters):
+            self.kv._barrier()
+            start = time.perf_counter()
+            self.kv.pushpull(key, t, out=t)
+            t.wait_to_read()
+            out.append(time.perf_counter() - start)
+        return out
+
+    def shutdown_distributed(self) -> None:
+        """Frees the kvstore: its destructor barriers the workers, rank 0 stops the servers,
+        and every node finalizes ps-lite (the helpers then wait to be ended)."""
+        if getattr(self, "kv", None) is None:
+            return
+        mx.nd.waitall()
+        self.trainer = None
+        self.kv = None
+        gc.collect()
+
     def _device(self, device: str):
         """The MXNet context of a device name the metadata declares (cpu, cuda:N)."""
         kind, index = split_device(device)
@@ -113,12 +170,17 @@ class MXNetBackend(Backend):
 
     def _trainer(self, opt):
         """MXNet's SGD over the trainable parameters (None when there are none)."""
+        kv = getattr(self, "kv", None)
+        if kv is not None:
+            if getattr(self, "_kv_trainer_built", False):
+                raise UnsupportedError("mxnet backend: one data-parallel build per process (kvstore keys)")
+            self._kv_trainer_built = True
         if not self.trainable:
             return None
         return mx.gluon.Trainer(
             list(self.trainable.values()), "sgd",
             {"learning_rate": opt.lr, "momentum": opt.momentum, "wd": opt.weight_decay, "rescale_grad": 1.0},
-            kvstore=None, update_on_kvstore=False)
+            kvstore=kv, update_on_kvstore=False)
 
     # weights ---------------------------------------------------------------------
 
@@ -183,7 +245,8 @@ class MXNetBackend(Backend):
             loss = self.train_net(x, y, *self.masks)[0]
         loss.backward()
         if self.trainer is not None:
-            self.trainer.step(1)
+            # rescale_grad = 1/world: the kvstore's sum of the ranks' gradients becomes their mean
+            self.trainer.step(self._world)
         return loss
 
     def set_lr(self, lr: float) -> None:
