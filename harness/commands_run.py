@@ -142,8 +142,10 @@ def cells_from_args(args) -> list[Cell]:
              for c in cells]
     if workers == [1]:
         return cells
-    # Each worker count of a training cell, its threads the budget's share unless given.
-    return [replace(c, workers=n, scaling=args.scaling, threads=args.threads or max(1, budget // n))
+    # Each worker count of a training cell; unless given, every cell's threads are the budget's
+    # share of the largest group, so N x T is compared with 1 x T (the same build).
+    threads = args.threads or max(1, budget // max(workers))
+    return [replace(c, workers=n, scaling=args.scaling, threads=threads)
             for c in cells if c.mode == "train" for n in workers]
 
 
