@@ -171,6 +171,55 @@ def scaling_plot(rows, name: str) -> Figure | None:
     return Figure(name, _png(fig), "throughput against batch size per model, mode and backend")
 
 
+def data_parallel_blocks(bench, plots: bool) -> list:
+    """The data-parallel scaling table and plot (harness.scaling), or nothing without DP rows."""
+    from .scaling import efficiencies
+
+    e = efficiencies(tables.prepare(bench)) if not bench.empty else None
+    if e is None or e.empty:
+        return []
+
+    def num(v, fmt):
+        return "" if v is None or v != v else format(v, fmt)
+
+    columns = ["model", "backend", "scaling", "workers", "threads", "batch/w", "global", "1-worker ms", "step ms",
+               "efficiency %", "speedup", "all-reduce ms", "ring model ms", "comm share %", "busbw GB/s", "transport"]
+    rows = [[str(r["model"]), str(r["backend"]), str(r["scaling"]), str(r["workers"]), str(r["threads"]),
+             str(r["batch_per_worker"]), str(r["global_batch"]), num(r["one_worker_s"] and r["one_worker_s"] * 1e3, ".1f"),
+             num(r["step_s"] * 1e3, ".1f"), num(r.get("efficiency", float("nan")) * 100, ".0f"),
+             num(r.get("speedup"), ".2f"), num(r["allreduce_s"] and r["allreduce_s"] * 1e3, ".2f"),
+             num(r["ring_model_s"] and r["ring_model_s"] * 1e3, ".2f"),
+             num(r["comm_share"] and r["comm_share"] * 100, ".0f"), num(r["busbw"] and r["busbw"] / 1e9, ".2f"),
+             str(r["transport"] or "")] for _, r in e.sort_values(["model", "backend", "workers"]).iterrows()]
+    blocks: list = [Heading("Data-parallel scaling"), Table(
+        "scaling efficiency against one worker", columns, rows,
+        "Step: the slowest rank's, each step timed between barriers. Efficiency: weak t1/tN, strong t1/(N tN), "
+        "against the one-process cell of the same build and threads. All-reduce: the gradient's bytes on the "
+        "group's transport; ring model 2(N-1)/N S/B, B the bus bandwidth of a 32 MiB all-reduce.", set(columns[3:15]))]
+    if plots and "efficiency" in e:
+        groups = list(e.groupby("model", sort=True))
+        fig = _plt_figure(4.2 * min(3, len(groups)), 3.4 * -(-len(groups) // 3) + 0.4)
+        axes = fig.subplots(-(-len(groups) // 3), min(3, len(groups)), squeeze=False).ravel()
+        colors = _colors(sorted(e["backend"].unique()))
+        for ax, (model, g) in zip(axes, groups):
+            for (backend, scaling), gb in g.groupby(["backend", "scaling"]):
+                gb = gb.sort_values("workers")
+                ax.plot([1, *gb["workers"]], [1.0, *gb["efficiency"].astype(float)], marker="o",
+                        linestyle="-" if scaling == "weak" else "--", color=colors[backend],
+                        label=f"{backend} ({scaling})")
+            ax.set_xlabel("workers")
+            ax.set_ylabel("scaling efficiency")
+            ax.set_title(str(model), fontsize=10)
+            ax.set_ylim(0, 1.2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in axes[len(groups):]:
+            ax.set_visible(False)
+        fig.suptitle("data-parallel scaling efficiency (1 = ideal)", fontsize=11)
+        blocks.append(Figure("data_parallel.png", _png(fig), "data-parallel scaling efficiency per model and backend"))
+    return blocks
+
+
 def training_plot(rows, name: str) -> Figure | None:
     """Test accuracy and training loss per epoch, one panel pair per model, one line per backend and seed."""
     ok = rows[rows["status"] == "ok"] if not rows.empty and "status" in rows else rows
@@ -334,6 +383,7 @@ def build(frames: dict, baseline: str | None = "auto", models=None, backends=Non
             fig = scaling_plot(bench, "scaling.png")
             blocks.append(fig or Paragraph("No batch-size scaling plot: every cell was measured at one batch size."))
         blocks.append(spread_table(bench))
+        blocks += data_parallel_blocks(bench, plots)
 
     blocks.append(Heading("Accuracy"))
     p = tables.pivot(train, "accuracy", baseline)
