@@ -154,3 +154,20 @@ def test_the_comparison_passes_the_oracle_and_catches_one_rank_off():
     wrong = [exact[0], RankSteps(exact[1].losses, [s[1] for s in local])]
     problems = case_errors(c, wrong)["problems"]
     assert problems and all(p.startswith("rank 1 step 2") for p in problems), problems
+
+
+def test_a_backend_without_the_capability_gives_an_unsupported_row():
+    from harness.cell import Cell
+    from harness.runner import run_cell
+
+    row = run_cell(Cell(backend="numpy", model="lenet5", mode="train", batch=2, workers=2), sys.executable, 60)
+    assert row["status"] == "unsupported" and "no data-parallel" in row["error"]
+    assert row["workers"] == 2 and row["cell_key"]
+
+
+def test_one_process_cells_keep_their_keys():
+    from harness.cell import Cell
+
+    cell = Cell(backend="torch", model="lenet5", mode="train", batch=16)
+    assert "workers" not in cell.to_dict() and Cell.from_dict(cell.to_dict()) == cell
+    assert Cell(backend="torch", model="lenet5", mode="train", batch=16, workers=2).key() != cell.key()

@@ -324,3 +324,22 @@ def test_an_initializer_argument_the_kind_ignores_is_an_error(write_spec, capsys
     path = write_spec(tiny(layers=layers))
     rc, lines = run_validate(path, capsys)
     assert_one_line(rc, lines, path, "$.layers[0].init.weight", "argument 'a' applies to nonlinearity leaky_relu only")
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--workers", "2", "--modes", "infer"], "data-parallel cells train"),
+    (["--workers", "2", "--modes", "train", "--backends", "numpy"], "backend numpy declares no data-parallel"),
+    (["--workers", "2", "--modes", "train", "--threads", "64"], "exceeds the core budget"),
+    (["--workers", "3", "--modes", "train", "--scaling", "strong", "--batch-sizes", "16"], "does not split evenly"),
+    (["--workers", "0", "--modes", "train"], "--workers: expected positive integers"),
+])
+def test_bad_data_parallel_options_are_one_line(args, reason, tmp_path, capsys):
+    rc = main(["run", "--models", "lenet5", "--results", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and reason in err[0], err
+
+
+def test_parity_workers_must_be_positive(tmp_path, capsys):
+    rc = main(["parity", "--workers", "0", "--backends", "numpy", "--results", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--workers: must be positive" in err[0], err
