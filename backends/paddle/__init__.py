@@ -6,7 +6,7 @@ layers in backends.paddle.layers and the builder table in backends.paddle.builde
 
 from __future__ import annotations
 
-from harness.backend import BackendInfo, Capabilities
+from harness.backend import BackendInfo, Capabilities, DataParallel
 
 
 class PaddleInfo(BackendInfo):
@@ -23,10 +23,35 @@ class PaddleInfo(BackendInfo):
     options: dict[str, tuple[str, ...]] = {}
     # tf32 and amp-* are CUDA-only (build() refuses them on the CPU: Paddle's CPU bf16
     # autocast is a silent no-op); fp64 is the verification build, on either device.
-    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=False,
+    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=True,
                                 devices=("cpu", "cuda"), precisions=("fp32", "tf32", "amp-bf16", "amp-fp16"))
     known_gaps: dict[str, str] = {}
     bn_variance = "biased"  # Paddle updates the running variance with the biased batch variance
+    # paddle.DataParallel all-reduces the trainable gradients (mean over ranks, measured) and
+    # broadcasts parameters and buffers from rank 0 once, at construction; BN running
+    # statistics are never synchronised afterwards: each rank keeps its own ("local").
+    data_parallel = DataParallel(engine="paddle.DataParallel",
+                                 transports={"cpu": "gloo", "cuda": "nccl"},
+                                 launcher="a process per rank, Paddle's TCPStore on 127.0.0.1 (PADDLE_MASTER), "
+                                          "paddle.distributed.init_parallel_env",
+                                 bn="local", ports=1)
+
+    def dp_env(self, rendezvous) -> dict[str, str]:
+        """What paddle.distributed.launch sets per rank (read by init_parallel_env and
+        ParallelEnv); the gloo pairs bind to the loopback interface."""
+        host, port = rendezvous.host, rendezvous.ports[0]
+        # ParallelEnv needs one endpoint per rank; with the process-group path only the
+        # store (PADDLE_MASTER, rank 0) listens on a fixed port, the others are labels.
+        endpoints = [f"{host}:{port + r}" for r in range(rendezvous.world)]
+        kind = rendezvous.device.split(":")[0]
+        env = {"PADDLE_TRAINER_ID": str(rendezvous.rank), "PADDLE_TRAINERS_NUM": str(rendezvous.world),
+               "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints), "PADDLE_CURRENT_ENDPOINT": endpoints[rendezvous.rank],
+               "PADDLE_MASTER": f"{host}:{port}", "MASTER_ADDR": host, "MASTER_PORT": str(port),
+               "PADDLE_DISTRI_BACKEND": "nccl" if kind == "cuda" else "gloo",
+               "GLOO_SOCKET_IFNAME": "lo", "PADDLE_LOCAL_RANK": str(rendezvous.rank)}
+        if kind == "cuda":
+            env["FLAGS_selected_gpus"] = str(rendezvous.rank)
+        return env
 
     def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:
         """Tuned: the core budget for OpenMP/MKL and oneDNN on (Paddle's FLAGS_use_onednn, and

@@ -30,6 +30,10 @@ Conventions handled here (see harness/ops.py for the canonical ones):
       parameter), v = m * v + g, w -= lr * v: the contract's form.
     * CPU: oneDNN (FLAGS_use_onednn / FLAGS_use_mkldnn) only changes kernels in static
       mode; Paddle 3's dynamic graph runs its native CPU kernels (MKL GEMM) either way.
+    * Data parallel: paddle.DataParallel (dynamic graph) over gloo (CPU) or nccl (CUDA), the
+      group made by paddle.distributed.init_parallel_env from the PADDLE_* variables of
+      PaddleInfo.dp_env. Gradients are averaged over the ranks; BN running statistics stay
+      per rank ("local": DataParallel broadcasts buffers only once, at construction).
 """
 
 from __future__ import annotations
@@ -184,6 +188,10 @@ class PaddleBackend(Backend):
         self._train = None
         self._onednn_flags = known_flags(ONEDNN_FLAGS)
         self.model = self._convert() if self.exec_mode == "static" else self.module
+        if getattr(self, "rendezvous", None) is not None:
+            if self.exec_mode == "static":
+                raise UnsupportedError("paddle backend: data parallel runs in the dynamic graph only")
+            self.model = paddle.DataParallel(self.module)
         self.optimizer = self._optimizer(config.optimizer)
         self.scaler = paddle.amp.GradScaler() if config.precision == "amp-fp16" else None
 
@@ -222,6 +230,50 @@ class PaddleBackend(Backend):
             learning_rate=opt.lr, momentum=opt.momentum, parameters=params, use_nesterov=False,
             weight_decay=paddle.regularizer.L2Decay(opt.weight_decay) if opt.weight_decay else None,
         )
+
+    # data parallel -------------------------------------------------------------
+
+    def init_distributed(self, rendezvous) -> dict[str, Any]:
+        import paddle.distributed as dist
+
+        kind, _ = split_device(rendezvous.device)
+        transport = "nccl" if kind == "cuda" else "gloo"
+        os.environ.update(self.info.dp_env(rendezvous))  # read by init_parallel_env (set already by the runner)
+        paddle.set_device(self._place(rendezvous.device))
+        dist.init_parallel_env()
+        if dist.get_world_size() != rendezvous.world or dist.get_rank() != rendezvous.rank:
+            raise RuntimeError(f"paddle backend: joined as rank {dist.get_rank()} of {dist.get_world_size()}, "
+                               f"not {rendezvous.rank} of {rendezvous.world}")
+        self.rendezvous = rendezvous
+        return {"transport": transport, "dp_engine": "paddle.DataParallel",
+                "paddle_dist_backend": os.environ.get("PADDLE_DISTRI_BACKEND")}
+
+    def barrier(self) -> None:
+        import paddle.distributed as dist
+
+        dist.barrier()
+
+    def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
+        import time
+
+        import paddle.distributed as dist
+
+        t = paddle.ones([max(1, nbytes // 4)], dtype="float32")
+        dist.all_reduce(t)
+        out = []
+        for _ in range(iters):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            self.synchronize()
+            out.append(time.perf_counter() - start)
+        return out
+
+    def shutdown_distributed(self) -> None:
+        import paddle.distributed as dist
+
+        if getattr(self, "rendezvous", None) is not None and dist.is_initialized():
+            dist.destroy_process_group()
 
     def _convert(self):
         fwd = self.module.forward
@@ -368,7 +420,7 @@ class PaddleBackend(Backend):
         return float(loss.item())
 
     def synchronize(self) -> None:
-        if self.place != "cpu":
+        if getattr(self, "place", "cpu") != "cpu":
             paddle.device.synchronize(self.place)
 
     def memory_stats(self) -> dict[str, float]:
