@@ -61,6 +61,13 @@ class PaddleInfo(BackendInfo):
         env["LD_PRELOAD"] = ":".join(p for p in (loopback_shim(), os.environ.get("LD_PRELOAD")) if p)
         return env
 
+    def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:
+        """Tuned: the core budget for OpenMP/MKL and oneDNN on (Paddle's FLAGS_use_onednn, and
+        FLAGS_use_mkldnn, its name before 3.x); stock: Paddle's defaults (nothing set)."""
+        if not tuned:
+            return {}
+        return {**super().env_vars(threads, tuned), "FLAGS_use_onednn": "1", "FLAGS_use_mkldnn": "1"}
+
 
 def loopback_shim() -> str:
     """The LD_PRELOAD library that turns a bind() to any address into loopback (compiled once
@@ -76,13 +83,6 @@ def loopback_shim() -> str:
         subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"], check=True)
         os.replace(tmp, lib)
     return str(lib)
-
-    def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:
-        """Tuned: the core budget for OpenMP/MKL and oneDNN on (Paddle's FLAGS_use_onednn, and
-        FLAGS_use_mkldnn, its name before 3.x); stock: Paddle's defaults (nothing set)."""
-        if not tuned:
-            return {}
-        return {**super().env_vars(threads, tuned), "FLAGS_use_onednn": "1", "FLAGS_use_mkldnn": "1"}
 
 
 INFO = PaddleInfo()
