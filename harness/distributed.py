@@ -12,6 +12,10 @@ Within a rank (harness.cell), each timed step runs between two barriers of the e
 step time of the group is the slowest rank's; the clocks are ``perf_counter_ns`` (Linux's
 CLOCK_MONOTONIC, one clock for all processes of a host), which also gives the window over which
 global throughput counts every rank's samples.
+
+Every process of a group runs with harness/loopback_bind.c preloaded: a bind to any address
+becomes a bind to loopback, so no engine listens beyond 127.0.0.1 (the conformance tier
+checks every listening socket of a running group).
 """
 
 from __future__ import annotations
@@ -134,6 +138,30 @@ def free_ports(n: int, host: str = HOST) -> tuple[int, ...]:
             s.close()
 
 
+def loopback_shim() -> str:
+    """The LD_PRELOAD library that makes a bind() to any address a bind to loopback.
+
+    Some engines listen on every interface whatever address they are given (Paddle's
+    TCPStore, hard-coded; torch's rank 0 on [::]). Compiled once from loopback_bind.c with the
+    system's C compiler, cached by content in the temporary folder.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    src = Path(__file__).with_name("loopback_bind.c")
+    tag = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    lib = Path(tempfile.gettempdir()) / f"samenet-loopback-{tag}-{os.getuid()}.so"
+    if not lib.exists():
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("data parallel needs a C compiler (cc) for the loopback bind shim")
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"], check=True)
+        os.replace(tmp, lib)
+    return str(lib)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -171,6 +199,7 @@ def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: 
         grace: Seconds the others get after the first failure.
     """
     failed = failed or (lambda rank, code: describe_exit(code) if code else None)
+    env = env | {"LD_PRELOAD": ":".join(p for p in (loopback_shim(), env.get("LD_PRELOAD")) if p)}
     procs: list[tuple[Outcome, subprocess.Popen, Path]] = []
     start = time.monotonic()
 

@@ -6,12 +6,6 @@ layers in backends.paddle.layers and the builder table in backends.paddle.builde
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 from harness.backend import BackendInfo, Capabilities, DataParallel
 
@@ -58,7 +52,6 @@ class PaddleInfo(BackendInfo):
                "GLOO_SOCKET_IFNAME": "lo", "PADDLE_LOCAL_RANK": str(rendezvous.rank)}
         if kind == "cuda":
             env["FLAGS_selected_gpus"] = str(rendezvous.rank)
-        env["LD_PRELOAD"] = ":".join(p for p in (loopback_shim(), os.environ.get("LD_PRELOAD")) if p)
         return env
 
     def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:
@@ -67,22 +60,6 @@ class PaddleInfo(BackendInfo):
         if not tuned:
             return {}
         return {**super().env_vars(threads, tuned), "FLAGS_use_onednn": "1", "FLAGS_use_mkldnn": "1"}
-
-
-def loopback_shim() -> str:
-    """The LD_PRELOAD library that turns a bind() to any address into loopback (compiled once
-    from loopback_bind.c, cached by content): Paddle's TCPStore listens on IP_ANY otherwise."""
-    src = Path(__file__).with_name("loopback_bind.c")
-    tag = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    lib = Path(tempfile.gettempdir()) / f"samenet-paddle-loopback-{tag}-{os.getuid()}.so"
-    if not lib.exists():
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            raise RuntimeError("paddle backend: data parallel needs a C compiler for the loopback bind shim")
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"], check=True)
-        os.replace(tmp, lib)
-    return str(lib)
 
 
 INFO = PaddleInfo()

@@ -49,9 +49,43 @@ def _no_children_left() -> list:
     return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
 
 
+class ListeningSockets:
+    """Polls, while running, the listening sockets of this process's descendants."""
+
+    def __init__(self):
+        import threading
+
+        self.seen: set[tuple[str, str, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    for c in proc.net_connections(kind="inet"):
+                        if c.status == psutil.CONN_LISTEN:
+                            self.seen.add((" ".join(proc.cmdline()[-4:]), c.laddr.ip, c.laddr.port))
+                except (psutil.Error, OSError):
+                    pass
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def test_a_data_parallel_cell_is_one_row_of_the_group(dp_info):
     cell = Cell(backend=dp_info.name, model="lenet5", mode="train", batch=4, workers=2, threads=1, warmup=1, iters=3)
-    row = run_cell(cell, sys.executable, timeout=600)
+    with ListeningSockets() as sockets:
+        row = run_cell(cell, sys.executable, timeout=600)
+    # Every process of the group, helpers included, listens on loopback only.
+    assert sockets.seen, "no listening socket seen: the check saw nothing"
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip, _ in sockets.seen), sorted(sockets.seen)
     assert row["status"] == "ok", f"{row.get('error')}\n{row.get('log_tail', '')[-1500:]}"
     assert row["workers"] == 2 and row["global_batch"] == 8 and row["batch_per_worker"] == 4
     assert row["transport"] == dp_info.data_parallel.transports["cpu"]
