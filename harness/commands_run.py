@@ -128,7 +128,9 @@ def cells_from_args(args) -> list[Cell]:
             raise UsageError("--workers: data-parallel cells train; use --modes train")
         lacking = [b for b in backends if not registry.get(b).capabilities.data_parallel]
         if lacking:
-            raise UsageError(f"--workers: backend {lacking[0]} declares no data-parallel training")
+            why = registry.get(lacking[0]).gap_reason("dp:*")
+            raise UsageError(f"--workers: backend {lacking[0]} declares no data-parallel training"
+                             + (f" ({why})" if why else ""))
         if args.threads and max(workers) * args.threads > budget:
             raise UsageError(f"--workers {max(workers)} x --threads {args.threads} exceeds the core budget of {budget}")
         if args.scaling == "strong":

@@ -142,7 +142,9 @@ def run_data_parallel(cell: Cell, python: str, timeout: float) -> tuple[dict, fl
     dp = info.data_parallel
     if dp is None or not info.capabilities.data_parallel:
         load = os.getloadavg()[0]
-        return {"status": "unsupported", "error": f"backend {info.name}: no data-parallel training"}, 0.0, load, load
+        why = info.gap_reason("dp:*")
+        return ({"status": "unsupported", "error": f"backend {info.name}: no data-parallel training"
+                 + (f" ({why})" if why else "")}, 0.0, load, load)
     env = child_environment(cell)
     ports = free_ports(dp.ports)
     load_before = os.getloadavg()[0]

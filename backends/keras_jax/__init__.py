@@ -17,7 +17,9 @@ class KerasJaxInfo(KerasInfo):
     # No float64 build: JAX computes float64 only with x64 enabled before any array exists.
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=False, data_parallel=False,
                                 devices=("cpu", "cuda"), precisions=("fp32", "amp-bf16"))
-    known_gaps: dict[str, str] = {}
+    known_gaps: dict[str, str] = {"dp:*": (
+        "not built yet: Keras' keras.distribution.DataParallel across processes needs "
+        'jax.distributed.initialize with CPU collectives (gloo), untried on this CPU (issue 24 notes)')}
 
 
 INFO = KerasJaxInfo()

@@ -17,7 +17,10 @@ class KerasTorchInfo(KerasInfo):
     # tf32: CUDA only (refused on the CPU inside build); no amp-fp16 (it needs loss scaling).
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=False,
                                 devices=("cpu", "cuda"), precisions=("fp32", "tf32", "amp-bf16"))
-    known_gaps: dict[str, str] = {}
+    known_gaps: dict[str, str] = {"dp:*": (
+        'Keras 3.15 has no distribution backend for torch (keras/src/backend ships distribution_lib for '
+        "jax and tensorflow only); wrapping the Keras model in torch DDP would measure torch's engine, "
+        "not Keras's")}
 
 
 INFO = KerasTorchInfo()
