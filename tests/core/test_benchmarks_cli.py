@@ -17,8 +17,8 @@ def test_wrong_arguments_print_the_usage():
     for args in ((), ("--check",), ("--check", "mindspore_resnet50"), ("a", "b")):
         proc = _run(*args)
         assert proc.returncode == 1, args
-        assert proc.stderr.strip().splitlines() == ["usage: handwritten.py IMPL CONFIG.json OUT.json | "
-                                                    "--check IMPL MODEL [BATCH]"], args
+        assert proc.stderr.strip().splitlines() == ["usage: handwritten.py IMPL CONFIG.json OUT.json "
+                                                    "[--rank R RENDEZVOUS.json] | --check IMPL MODEL [BATCH]"], args
 
 
 def test_check_of_an_impl_this_interpreter_cannot_import_is_exit_2_in_one_line():
