@@ -291,6 +291,19 @@ def inject_fault(rank: int, where: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def time_collective(collective, barrier, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``collective()`` (which must end synchronised),
+    after one untimed call, each started right after ``barrier()``."""
+    collective()
+    out = []
+    for _ in range(iters):
+        barrier()
+        start = time.perf_counter()
+        collective()
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def ring_allreduce_s(nbytes: int, world: int, bus_bytes_per_s: float) -> float:
     """The ring all-reduce model's time: 2 (N-1) / N * S / B."""
     return 2 * (world - 1) / world * nbytes / bus_bytes_per_s if world > 1 and bus_bytes_per_s else 0.0

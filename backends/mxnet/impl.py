@@ -43,7 +43,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import time
 from typing import Any
 
 import mxnet as mx
@@ -136,16 +135,14 @@ class MXNetBackend(Backend):
         self._bench_keys += 1
         t = mx.nd.ones((max(1, nbytes // 4),), ctx=ctx, dtype=np.float32)
         self.kv.init(key, t)
-        self.kv.pushpull(key, t, out=t)  # the server sums the workers' pushes; each pulls the sum
-        t.wait_to_read()
-        out = []
-        for _ in range(iters):
-            self.kv._barrier()
-            start = time.perf_counter()
+
+        def allreduce():  # the server sums the workers' pushes; each pulls the sum
             self.kv.pushpull(key, t, out=t)
             t.wait_to_read()
-            out.append(time.perf_counter() - start)
-        return out
+
+        from harness.distributed import time_collective
+
+        return time_collective(allreduce, self.kv._barrier, iters)
 
     def shutdown_distributed(self) -> None:
         """Frees the kvstore: its destructor barriers the workers, rank 0 stops the servers,

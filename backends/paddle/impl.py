@@ -254,20 +254,17 @@ class PaddleBackend(Backend):
         dist.barrier()
 
     def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
-        import time
-
         import paddle.distributed as dist
 
+        from harness.distributed import time_collective
+
         t = paddle.ones([max(1, nbytes // 4)], dtype="float32")
-        dist.all_reduce(t)
-        out = []
-        for _ in range(iters):
-            dist.barrier()
-            start = time.perf_counter()
+
+        def allreduce():
             dist.all_reduce(t)
             self.synchronize()
-            out.append(time.perf_counter() - start)
-        return out
+
+        return time_collective(allreduce, dist.barrier, iters)
 
     def shutdown_distributed(self) -> None:
         import paddle.distributed as dist

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.backend import Backend, BuildConfig, split_device, storage_dtype
+from harness.distributed import time_collective
 from harness.errors import UnsupportedError
 from harness.graph import as_output_list, layer_names, missing_builders, schedules, unpack_outputs
 
@@ -188,18 +189,13 @@ class TorchBackend(Backend):
         dist.barrier()
 
     def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
-        import time
-
         t = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=self.device)
-        dist.all_reduce(t)
-        out = []
-        for _ in range(iters):
-            dist.barrier()
-            start = time.perf_counter()
+
+        def allreduce():
             dist.all_reduce(t)
             self.synchronize()
-            out.append(time.perf_counter() - start)
-        return out
+
+        return time_collective(allreduce, dist.barrier, iters)
 
     def shutdown_distributed(self) -> None:
         if dist.is_initialized():
