@@ -5,7 +5,7 @@ on Keras' JAX backend, its steps compiled by jax.jit through ``Model.stateless_c
 """
 
 from backends.keras import KerasInfo
-from harness.backend import Capabilities
+from harness.backend import Capabilities, DataParallel
 
 
 class KerasJaxInfo(KerasInfo):
@@ -15,11 +15,23 @@ class KerasJaxInfo(KerasInfo):
     impl = "backends.keras_jax.impl:KerasJaxBackend"
     exec_modes = ("jit", "eager")
     # No float64 build: JAX computes float64 only with x64 enabled before any array exists.
-    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=False, data_parallel=False,
+    capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=False, data_parallel=True,
                                 devices=("cpu", "cuda"), precisions=("fp32", "amp-bf16"))
-    known_gaps: dict[str, str] = {"dp:*": (
-        "not built yet: Keras' keras.distribution.DataParallel across processes needs "
-        'jax.distributed.initialize with CPU collectives (gloo), untried on this CPU (issue 24 notes)')}
+    known_gaps: dict[str, str] = {}
+    # One SPMD program over the global devices (jax.distributed + Keras' DataParallel): the
+    # batch statistics of BatchNorm are the global batch's, all-reduced by XLA ("sync").
+    data_parallel = DataParallel(engine="keras.distribution.DataParallel over jax.distributed (one jax.jit SPMD "
+                                        "step, gradients all-reduced by XLA)",
+                                 transports={"cpu": "gloo", "cuda": "nccl"},
+                                 launcher="a process per rank, jax.distributed.initialize with its coordinator "
+                                          "on 127.0.0.1",
+                                 bn="sync", ports=1)
+
+    def dp_env(self, rendezvous) -> dict[str, str]:
+        """The rank, for configure (it pins rank r to its own CPUs, and must not start the JAX
+        client before jax.distributed.initialize); JAX's own coordinator variable."""
+        return {"SAMENET_JAX_PROCESS_ID": str(rendezvous.rank),
+                "JAX_COORDINATOR_ADDRESS": f"{rendezvous.host}:{rendezvous.ports[0]}"}
 
 
 INFO = KerasJaxInfo()

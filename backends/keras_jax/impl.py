@@ -22,6 +22,15 @@ functions of the variables' values through ``Model.stateless_call``, under ``jax
       before JAX starts its client (XLA has no thread-count flag).
     * Precision: fp32; amp-bf16 is Keras' mixed_bfloat16 policy; tf32 and fp16 mixed
       precision are not implemented here (the capabilities do not declare them).
+    * Data parallel (``init_distributed``): ``jax.distributed.initialize`` (coordinator on
+      127.0.0.1, CPU collectives gloo), then the model is built under Keras' own
+      ``keras.distribution.DataParallel`` over the global devices: its variables are
+      replicated global arrays, each rank's shard becomes its part of one global batch
+      (``distribute_data_input``, i.e. ``jax.make_array_from_process_local_data``), and the
+      same jitted step is one SPMD program: XLA all-reduces the gradient of the global mean
+      loss (the mean of the ranks' gradients) and BatchNorm's batch statistics, so BN is
+      ``sync``. The step returns the per-sample losses (sharded like the batch); a rank's
+      ``loss_value`` is the mean of its own shard, the oracle's per-rank loss.
 
 Keras reads KERAS_BACKEND once, at its first import: this module sets it (unless the
 environment already does, as the runner's cells do) before importing Keras.
@@ -41,11 +50,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from backends.keras.backend import GenericKerasBackend  # noqa: E402
-from harness.backend import BuildConfig  # noqa: E402
+from harness.backend import BuildConfig, split_device  # noqa: E402
 from harness.errors import UnsupportedError  # noqa: E402
 from harness.graph import as_output_list  # noqa: E402
 
 MB = 1024 * 1024
+DP_RANK_ENV = "SAMENET_JAX_PROCESS_ID"
+"""Set by KerasJaxInfo.dp_env in a data-parallel rank (read by configure, before JAX starts)."""
 
 
 def _cross_entropy(logits, y):
@@ -70,21 +81,28 @@ class KerasJaxBackend(GenericKerasBackend):
     def configure(self, threads: int, tuned: bool) -> dict[str, Any]:
         # XLA:CPU has no thread-count setting: its pool is sized to the CPUs the process may
         # run on when the client starts (the first device query, below). Tuned, a budget
-        # smaller than that is applied as the process's CPU affinity, before the client starts.
+        # smaller than that is applied as the process's CPU affinity, before the client starts;
+        # a data-parallel rank r takes the r-th block of CPUs, so the ranks do not share one.
+        rank = os.environ.get(DP_RANK_ENV)
         pinned = None
         if tuned and hasattr(os, "sched_setaffinity"):
             cpus = sorted(os.sched_getaffinity(0))
             if threads < len(cpus):
-                pinned = cpus[:threads]
+                start = (int(rank or 0) * threads) % len(cpus)
+                pinned = (cpus + cpus)[start:start + threads]
                 os.sched_setaffinity(0, pinned)
-        return {
+        settings = {
             "cpu_affinity_set": pinned,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax_version": jax.__version__,
-            "jax_default_backend": jax.default_backend(),
             "keras_version": keras.__version__,
             "keras_backend": keras.backend.backend(),
         }
+        # A data-parallel rank must not start the JAX client before jax.distributed.initialize
+        # (init_distributed, which reports the default backend instead).
+        if rank is None:
+            settings["jax_default_backend"] = jax.default_backend()
+        return settings
 
     def build(self, ir, config: BuildConfig) -> None:
         config, kind, index = self.resolve_build(config)
@@ -94,10 +112,21 @@ class KerasJaxBackend(GenericKerasBackend):
                 raise UnsupportedError(f"keras-jax backend: no GPU {index} (JAX sees {len(gpus)}; install jax[cuda12])")
             self.device = gpus[index]
         else:
-            self.device = jax.devices("cpu")[0]
+            self.device = jax.local_devices(backend="cpu")[0]
         self.config, self.ir = config, ir
         self.mode = config.exec_mode
-        self.build_model(ir, config, f"gpu:{index}" if kind == "cuda" else "cpu:0")
+        keras_device = f"gpu:{index}" if kind == "cuda" else "cpu:0"
+        dist = getattr(self, "distribution", None)
+        if dist is not None:
+            if self.mode == "eager":
+                raise UnsupportedError("keras-jax backend: data parallel runs the jitted step (exec mode jit)")
+            # This rank's own device; the variables are laid out by Keras' DataParallel.
+            self.device = jax.local_devices()[0]
+            keras_device = f"{self.device.platform}:{self.device.id}"
+            with dist.scope():
+                self.build_model(ir, config, keras_device)
+        else:
+            self.build_model(ir, config, keras_device)
         train_model, eval_model = self.model.train_model, self.model.eval_model
         self.tvars = list(train_model.trainable_variables)
         self.ntvars = list(train_model.non_trainable_variables)
@@ -150,12 +179,19 @@ class KerasJaxBackend(GenericKerasBackend):
             outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
             return as_output_list(outs), new_ntv
 
+        dp = getattr(self, "distribution", None) is not None
+
         def train(tv, ntv, bufs, lr, x, y):
             def loss_fn(tv):
                 outs, new_ntv = train_model.stateless_call(tv, ntv, x, training=True)
+                if dp:  # per-sample losses: their global mean is the loss, a shard's is a rank's
+                    per = self._per_sample_loss(as_output_list(outs), y)
+                    return jnp.mean(per), (per, new_ntv)
                 return self._loss(as_output_list(outs), y), new_ntv
 
             (loss, new_ntv), grads = jax.value_and_grad(loss_fn, has_aux=True)(tv)
+            if dp:
+                loss, new_ntv = new_ntv
             new_tv, new_bufs = [], []
             for w, g, buf in zip(tv, grads, bufs):
                 if opt.weight_decay:
@@ -167,7 +203,31 @@ class KerasJaxBackend(GenericKerasBackend):
 
         self._infer = self._compile(infer)
         self._forward_train = self._compile(forward_train)
-        self._train = self._compile(train, donate=(0, 1, 2))
+        if dp:  # the batch sharded over the ranks' devices, every other state replicated
+            batch, replicated = self._shardings()
+            self._train = jax.jit(train, donate_argnums=(0, 1, 2),
+                                  out_shardings=(batch, replicated, replicated, replicated))
+            self._zeros = jax.jit(lambda tv: [jnp.zeros_like(w) for w in tv], out_shardings=replicated)
+        else:
+            self._train = self._compile(train, donate=(0, 1, 2))
+            self._zeros = lambda tv: [jnp.zeros_like(w) for w in tv]
+
+    def _shardings(self):
+        """(batch-sharded, replicated) shardings over the distribution's global mesh."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh = self.distribution.device_mesh.backend_mesh
+        return NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
+
+    def _per_sample_loss(self, outs, y):
+        def ce(logits):
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+
+        per = ce(outs[0])
+        for o, w in zip(outs[1:], self.model.aux_weights):
+            per = per + w * ce(o)
+        return per
 
     # weights -----------------------------------------------------------------
 
@@ -198,6 +258,15 @@ class KerasJaxBackend(GenericKerasBackend):
         return [self.model.from_native(np.asarray(o, dtype=np.float32)) for o in outs]
 
     def to_device(self, x, y):
+        if getattr(self, "distribution", None) is not None:
+            # This rank's shard becomes its part of the global batch (Keras' own data input).
+            from keras.src.backend.jax.distribution_lib import distribute_data_input
+
+            x = self.model.to_native(np.asarray(x, dtype=np.float32))
+            y = np.asarray(y, dtype=np.int32)
+            return tuple(distribute_data_input(a, self.distribution.get_data_layout((a.shape[0] * self.world,
+                                                                                      *a.shape[1:])), "batch")
+                         for a in (x, y))
         return self._input(x), jax.device_put(np.asarray(y, dtype=np.int32), self.device)
 
     def infer_step(self, batch):
@@ -206,8 +275,8 @@ class KerasJaxBackend(GenericKerasBackend):
 
     def train_step(self, batch):
         if self.bufs is None:
-            self.bufs = [jnp.zeros_like(w) for w in self.tv]
-        lr = jnp.asarray(self.config.optimizer.lr, jnp.float32)
+            self.bufs = self._zeros(self.tv)
+        lr = np.float32(self.config.optimizer.lr)
         loss, self.tv, self.ntv, self.bufs = self._train(self.tv, self.ntv, self.bufs, lr, *batch)
         self._last = loss
         return loss
@@ -216,7 +285,62 @@ class KerasJaxBackend(GenericKerasBackend):
         self.config = replace(self.config, optimizer=replace(self.config.optimizer, lr=lr))
 
     def loss_value(self, loss) -> float:
+        if getattr(loss, "ndim", 0):  # data parallel: this rank's shard of the per-sample losses
+            return float(np.mean(np.concatenate([np.asarray(s.data, np.float64) for s in loss.addressable_shards])))
         return float(loss)
+
+    # ------------------------------------------------------------------ data parallel
+
+    def init_distributed(self, rendezvous) -> dict[str, Any]:
+        from keras.distribution import DataParallel
+
+        kind, _ = split_device(rendezvous.device)
+        if kind != "cpu":
+            # CUDA: one GPU per rank would need local_device_ids; written only for the CPU.
+            raise UnsupportedError("keras-jax backend: data parallel is built for the CPU only")
+        address = f"{rendezvous.host}:{rendezvous.ports[0]}"
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=address, num_processes=rendezvous.world,
+                                   process_id=rendezvous.rank, coordinator_bind_address=address,
+                                   initialization_timeout=120)
+        if jax.process_count() != rendezvous.world or jax.process_index() != rendezvous.rank:
+            raise RuntimeError(f"keras-jax backend: joined as process {jax.process_index()} of "
+                               f"{jax.process_count()}, not {rendezvous.rank} of {rendezvous.world}")
+        self.rendezvous, self.world = rendezvous, rendezvous.world
+        # Replicated variables must start equal on every process (device_put checks it):
+        # one seed for all, what keras.distribution.initialize's initialize_rng agrees on.
+        keras.utils.set_random_seed(0)
+        self.distribution = DataParallel(devices=jax.devices())
+        return {"transport": "gloo",
+                "dp_engine": "keras.distribution.DataParallel (jax.jit SPMD)",
+                "jax_default_backend": jax.default_backend(), "jax_global_devices": jax.device_count()}
+
+    def barrier(self) -> None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("samenet")
+
+    def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from harness.distributed import time_collective
+
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("ranks",))
+        n = max(1, nbytes // 4)
+        # One row per rank, summed over the ranks into a replicated result: an all-reduce.
+        parts = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("ranks")),
+                                                       np.ones((1, n), np.float32))
+        total = jax.jit(lambda a: jnp.sum(a, axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+        def allreduce():
+            jax.block_until_ready(total(parts))
+
+        return time_collective(allreduce, self.barrier, iters)
+
+    def shutdown_distributed(self) -> None:
+        if getattr(self, "rendezvous", None) is not None:
+            jax.distributed.shutdown()
+            self.rendezvous = None
 
     def synchronize(self) -> None:
         if self._last is not None:
