@@ -29,6 +29,11 @@ its layers with TensorFlow kernels (backends/tf/layers.py) and runs the steps in
       module (Keras itself transposes NCHW pooling on TF, which is why pooling here calls
       tf.nn directly in channels_first).
     * TensorFlow convolutions cannot combine stride > 1 with dilation > 1 (UnsupportedError).
+    * Data parallel: tf.distribute.MultiWorkerMirroredStrategy from TFInfo.dp_env's TF_CONFIG,
+      RING collectives on the CPU (NCCL on CUDA). Model, momentum buffers and lr are made in
+      strategy.scope(); the train step is strategy.run of the same body, whose gradients are
+      all-reduced (MEAN) in the replica context before the update. Keras' fit is not used
+      (broken under MWMS in Keras 3, keras-team/keras#20585). Graph mode only.
 
 TF_CPP_MIN_LOG_LEVEL and KERAS_BACKEND are set (unless the environment already does, as the
 runner's cells do) before TensorFlow and Keras are imported.
@@ -36,6 +41,7 @@ runner's cells do) before TensorFlow and Keras are imported.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from dataclasses import replace
@@ -64,6 +70,8 @@ MB = 1024 * 1024
 
 class KerasTFBackend(Backend):
     """TensorFlow 2 + Keras 3 (``graph`` = tf.function, ``xla`` = jit_compile, ``eager``)."""
+
+    strategy = None  # the MultiWorkerMirroredStrategy of a data-parallel rank (init_distributed)
 
     def import_framework(self) -> None:
         check_keras("tensorflow", "tf")
@@ -118,13 +126,16 @@ class KerasTFBackend(Backend):
                 and any(n.op == "maxpool2d" for n in ir.nodes)):
             self.train_unsupported = ("tf backend: channels_first train step in eager mode on the CPU: TF's eager CPU "
                                       "MaxPoolGrad kernel supports NHWC only (use exec mode graph or xla)")
-        with tf.device(self.device):
+        if self.strategy is not None and self.mode != "graph":
+            raise UnsupportedError(f"tf backend: data parallel runs in exec mode graph only, not {self.mode} "
+                                   "(the MultiWorkerMirroredStrategy step is built and tested as a tf.function)")
+        with self._scope(), tf.device(self.device):
             self.model = KerasModel(ir, config, TF_LAYERS, "tf", strided_dilation=False)
         self.tvars = list(self.model.train_model.trainable_weights)
         self.momentum_bufs = None  # made at the first train step (PyTorch's SGD makes them lazily too)
         self.loss_scale = None
         if prec == "amp-fp16":
-            with tf.device(self.device):
+            with self._scope(), tf.device(self.device):
                 self.loss_scale = tf.Variable(2.0 ** 15, trainable=False)
                 self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._last = None
@@ -140,6 +151,8 @@ class KerasTFBackend(Backend):
                                        "driver); install tensorflow[and-cuda] on a GPU machine")
             if index >= len(gpus):
                 raise UnsupportedError(f"tf backend: no GPU {index} (TensorFlow sees {len(gpus)})")
+        if self.strategy is not None:  # the rank's one device (dp_env shows a rank its own GPU only)
+            index = 0
         self.device = "/CPU:0" if kind == "cpu" else f"/GPU:{index}"
         self.gpu = kind == "cuda"
         self.gpu_name = f"GPU:{index}"
@@ -147,6 +160,10 @@ class KerasTFBackend(Backend):
             raise UnsupportedError("tf backend: tf32 exists on CUDA only")
         if config.precision == "amp-fp16" and not self.gpu:
             raise UnsupportedError("tf backend: fp16 mixed precision is a GPU mode; use amp-bf16 on the CPU")
+
+    def _scope(self):
+        """Where variables are made: the strategy's scope in data parallel (mirrored variables)."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
     # functions ----------------------------------------------------------------
 
@@ -173,6 +190,12 @@ class KerasTFBackend(Backend):
             with tf.device(device):
                 return self._train_body(x, y)
 
+        if self.strategy is not None:
+            strategy, local = self.strategy, train
+
+            def train(x, y):  # noqa: F811  (each rank's own shard; one local replica)
+                return strategy.experimental_local_results(strategy.run(local, (x, y)))[0]
+
         self._infer = self._compile(infer, [xspec])
         self._forward_train = self._compile(forward_train, [xspec])
         self._train = self._compile(train, [xspec, yspec])
@@ -195,6 +218,12 @@ class KerasTFBackend(Backend):
             loss = self._loss(as_output_list(self.model.train_model(x, training=True)), y)
             scaled = loss * self.loss_scale if self.loss_scale is not None else loss
         grads = tape.gradient(scaled, self.tvars)
+        if self.strategy is not None:  # the mean of the ranks' gradients, one batched all-reduce
+            ctx = tf.distribute.get_replica_context()
+            present = [i for i, g in enumerate(grads) if g is not None]
+            reduced = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [grads[i] for i in present])
+            for i, g in zip(present, reduced):
+                grads[i] = g
         finite = None
         if self.loss_scale is not None:
             inv = 1.0 / self.loss_scale
@@ -271,7 +300,7 @@ class KerasTFBackend(Backend):
         if self.train_unsupported:
             raise UnsupportedError(self.train_unsupported)
         if self.momentum_bufs is None:
-            with tf.device(self.device):
+            with self._scope(), tf.device(self.device):
                 self.momentum_bufs = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.tvars]
                 # A variable, not a constant, so that a schedule's set_lr needs no retrace.
                 self.lr_var = tf.Variable(self.config.optimizer.lr, trainable=False, dtype=tf.float64)
@@ -296,6 +325,61 @@ class KerasTFBackend(Backend):
             last = self._last
             first = last[0] if isinstance(last, (list, tuple)) else last
             first.numpy()
+
+    # data parallel -----------------------------------------------------------
+
+    def init_distributed(self, rendezvous) -> dict[str, Any]:
+        """Joins the MultiWorkerMirroredStrategy group of TF_CONFIG (before TF's context starts)."""
+        import json
+
+        os.environ.update(self.info.dp_env(rendezvous))  # the runner's env has it already
+        kind, _ = split_device(rendezvous.device)
+        impl = tf.distribute.experimental.CommunicationImplementation
+        transport = impl.NCCL if kind == "cuda" else impl.RING
+        options = tf.distribute.experimental.CommunicationOptions(implementation=transport)
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        resolver = self.strategy.cluster_resolver
+        if self.strategy.num_replicas_in_sync != rendezvous.world or resolver.task_id != rendezvous.rank:
+            raise RuntimeError(f"tf backend: joined as worker {resolver.task_id} of {self.strategy.num_replicas_in_sync}"
+                               f" replicas, not {rendezvous.rank} of {rendezvous.world}")
+        self.world = rendezvous.world
+        self._collectives: dict = {}
+        return {"transport": "nccl" if kind == "cuda" else "ring",
+                "dp_engine": "tf.distribute.MultiWorkerMirroredStrategy",
+                "tf_config_cluster": json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]}
+
+    def _all_reduce(self, n: int):
+        """A compiled SUM all-reduce of ``n`` float32 on the strategy's collectives; returns a
+        call that ends synchronised (it reads one element back)."""
+        if n not in self._collectives:
+            strategy = self.strategy
+            with strategy.scope():
+                device = strategy.extended.worker_devices[0]
+                with tf.device(device):
+                    value = tf.ones([n], tf.float32)
+
+            @tf.function
+            def reduce():
+                def body():  # identity: the replica's own copy, placed on its device
+                    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                                          tf.identity(value))
+                return strategy.experimental_local_results(strategy.run(body))[0][0]
+
+            self._collectives[n] = lambda: reduce().numpy()
+        return self._collectives[n]
+
+    def barrier(self) -> None:
+        self._all_reduce(1)()
+
+    def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
+        from harness.distributed import time_collective
+
+        return time_collective(self._all_reduce(max(1, nbytes // 4)), self.barrier, iters)
+
+    def shutdown_distributed(self) -> None:
+        # MWMS has no leave call: the gRPC server and the coordination service end with the
+        # process. Every rank passed a barrier before this, so no collective is pending.
+        self._collectives = {}
 
     def memory_stats(self) -> dict[str, float]:
         if not getattr(self, "gpu", False):
