@@ -35,6 +35,11 @@ layouts, conv padding, pooling pads and adaptive pooling):
     * No amp: ms.amp.auto_mixed_precision("O1") rewrites a network by parsing its Cells'
       source and returns a new one; the schedule's calls are invisible to it (the old
       module discarded the new network, and the rewrite raised OSError on every zoo model).
+    * Data parallel: ParallelMode.DATA_PARALLEL with gradients_mean=True, set before build, so
+      nn.TrainOneStepCell wraps its gradients in nn.DistributedGradReducer (the mean over the
+      ranks); the group is MindSpore's dynamic cluster (MindSporeInfo.dp_env, the variables msrun
+      sets; the scheduler is a helper process), joined by mindspore.communication.init, which
+      picks mccl on the CPU. BN running statistics stay per rank ("local").
     * MindSpore litter: glog is quieted (GLOG_v=3 unless set), analyze_fail.ir dumps go to
       MS_OM_PATH (a temp directory unless set; both in backends.mindspore._quiet), graph
       mode's generated programs live in a temp directory removed at exit; nothing is
@@ -235,12 +240,56 @@ class MindSporeBackend(Backend):
         return float(loss.asnumpy())
 
     def synchronize(self) -> None:
-        if self.target == "CPU":  # ms.runtime.synchronize() is for devices (it logs an error on CPU)
+        if getattr(self, "target", "CPU") == "CPU":  # ms.runtime.synchronize() is for devices (it logs an error on CPU)
             from mindspore.common.api import _pynative_executor
 
             _pynative_executor.sync()
         else:
             ms.runtime.synchronize()
+
+    # data parallel -------------------------------------------------------------
+
+    def init_distributed(self, rendezvous) -> dict[str, Any]:
+        from mindspore.communication import get_group_size, get_rank, init
+
+        kind, index = split_device(rendezvous.device)
+        os.environ.update(self.info.dp_env(rendezvous))  # read by init (set already by the runner)
+        self._select_device(kind, index)  # init picks its backend from the device target
+        init()
+        if get_group_size() != rendezvous.world or get_rank() != rendezvous.rank:
+            raise RuntimeError(f"mindspore backend: joined as rank {get_rank()} of {get_group_size()}, "
+                               f"not {rendezvous.rank} of {rendezvous.world}")
+        # Read by nn.TrainOneStepCell when build() makes it: it then adds the grad reducer.
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                     device_num=rendezvous.world)
+        self.rendezvous = rendezvous
+        return {"transport": self.info.data_parallel.transports.get(kind), "dp_engine": "DATA_PARALLEL",
+                "mindspore_comm_backend": str(_comm_backend())}
+
+    def barrier(self) -> None:
+        # mint's barrier is DistCommBarrier, which has a CPU kernel; the Barrier primitive behind
+        # mindspore.communication.comm_func.barrier has none ("Unsupported op [Barrier] on CPU").
+        from mindspore.mint.distributed import barrier
+
+        barrier()
+
+    def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
+        from harness.distributed import time_collective
+
+        t = Tensor(np.ones(max(1, nbytes // 4), np.float32))
+        op = ops.AllReduce()  # sum over the world group
+
+        def allreduce():
+            op(t)
+            self.synchronize()
+
+        return time_collective(allreduce, self.barrier, iters)
+
+    def shutdown_distributed(self) -> None:
+        if getattr(self, "rendezvous", None) is not None:
+            from mindspore.communication import release
+
+            release()
 
     def memory_stats(self) -> dict[str, float]:
         if self.target == "CPU":
@@ -254,6 +303,12 @@ def _pkg_supports(target: str) -> bool:
     from mindspore._c_expression import MSContext
 
     return bool(MSContext.get_instance().is_pkg_support_device(target))
+
+
+def _comm_backend() -> str:
+    from mindspore.communication.management import GlobalComm
+
+    return GlobalComm.BACKEND
 
 
 def _gpu_tf32(allow: bool) -> None:
