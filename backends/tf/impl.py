@@ -338,11 +338,10 @@ class KerasTFBackend(Backend):
         transport = impl.NCCL if kind == "cuda" else impl.RING
         options = tf.distribute.experimental.CommunicationOptions(implementation=transport)
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        resolver = self.strategy.cluster_resolver
-        if self.strategy.num_replicas_in_sync != rendezvous.world or resolver.task_id != rendezvous.rank:
-            raise RuntimeError(f"tf backend: joined as worker {resolver.task_id} of {self.strategy.num_replicas_in_sync}"
-                               f" replicas, not {rendezvous.rank} of {rendezvous.world}")
-        self.world = rendezvous.world
+        task, replicas = self.strategy.cluster_resolver.task_id, self.strategy.num_replicas_in_sync
+        if replicas != rendezvous.world or task != rendezvous.rank:
+            raise RuntimeError(f"tf backend: joined as worker {task} of {replicas} replicas, "
+                               f"not {rendezvous.rank} of {rendezvous.world}")
         self._collectives: dict = {}
         return {"transport": "nccl" if kind == "cuda" else "ring",
                 "dp_engine": "tf.distribute.MultiWorkerMirroredStrategy",
