@@ -178,6 +178,30 @@ QUICK_TRAINING_EXCEPTIONS = {
 """Ops of the zoo that the quick training set does not train inside a network, with the reason."""
 
 
+CI_FORWARD_SKIPPED = {
+    "vgg13": "vgg11", "vgg16": "vgg11", "vgg19": "vgg11",
+    "vgg11_bn": "vgg16_bn", "vgg13_bn": "vgg16_bn", "vgg19_bn": "vgg16_bn",
+}
+"""Specs the ``ci`` forward selection leaves out -> the kept spec they vary (only the stage
+depths, ``args``; same builders and ops). Each holds a 100M-parameter classifier whose
+framework-side initialisation dominates the forward tier: the six cost about 12 of CI's
+minutes over the backends. ``--forward-models all`` (the default) and ``samenet parity`` run them."""
+
+
+def forward_models(selection: str) -> list[str]:
+    """The specs named by a ``--forward-models`` value: all, ci, or a comma list."""
+    if selection == "all":
+        return zoo.names()
+    if selection == "ci":
+        return [m for m in zoo.names() if m not in CI_FORWARD_SKIPPED]
+    chosen = [m.strip() for m in selection.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in zoo.names()]
+    if unknown:
+        raise UsageError(f"--forward-models: unknown spec(s) {', '.join(unknown)} (all, ci, or names from "
+                         "`samenet list`)")
+    return chosen
+
+
 def training_models(selection: str) -> list[str]:
     """The specs named by a ``--training-models`` value: quick, all, or a comma list."""
     if selection == "quick":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -12,6 +13,9 @@ def pytest_addoption(parser):
                      help="backend(s) the conformance suite runs against (repeatable)")
     parser.addoption("--training-models", default="quick",
                      help="specs whose two-step training parity runs: quick (default), all, or a comma list")
+    parser.addoption("--forward-models", default=os.environ.get("SAMENET_FORWARD_MODELS") or "all",
+                     help="specs whose forward parity runs: all (default; $SAMENET_FORWARD_MODELS), ci "
+                          "(harness.conformance.CI_FORWARD_SKIPPED left out), or a comma list")
 
 
 @pytest.fixture

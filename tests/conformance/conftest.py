@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from harness import backend as registry
-from harness.conformance import training_models
+from harness.conformance import forward_models, training_models
 
 _instances: dict[str, object] = {}
 
@@ -27,6 +27,8 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if "training_model" in metafunc.fixturenames:
         metafunc.parametrize("training_model", training_models(metafunc.config.getoption("--training-models")))
+    if "forward_model" in metafunc.fixturenames:
+        metafunc.parametrize("forward_model", forward_models(metafunc.config.getoption("--forward-models")))
     if "backend_name" in metafunc.fixturenames:
         names = metafunc.config.getoption("--backend")
         if names:

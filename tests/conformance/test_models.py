@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from harness import zoo
 from harness.backend import BuildConfig
 from harness.conformance import ATOL, RTOL, model_case
 
-MODELS = zoo.names()
 
-
-@pytest.mark.parametrize("model", MODELS)
-def test_model_matches_reference(backend_name, new_backend, known_gap, model):
+def test_model_matches_reference(backend_name, new_backend, known_gap, forward_model):
+    """Specs: every one by default, ``--forward-models ci`` in CI (harness.conformance.forward_models)."""
+    model = forward_model
     known_gap(f"model:{model}")
     c = model_case(model)
     b = new_backend()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from harness import reference, zoo
+from harness.errors import UsageError
 
 ZOO_CSV = Path(__file__).resolve().parents[1] / "data" / "zoo.csv"  # shared/reference/zoo.csv plus resnet50_sd
 REFERENCE = {row["model"]: row for row in csv.DictReader(ZOO_CSV.open())}
@@ -71,3 +72,17 @@ def test_family_members_are_short_files_over_their_base(model, base):
     assert doc["extends"] == base
     assert zoo.path_of(model).read_text().count("\n") < 40
     assert zoo.load(model).name == model and not set(doc.get("aliases", [])) & set(zoo.document(base)[0].get("aliases", []))
+
+
+def test_the_ci_forward_selection_leaves_out_only_variants_of_kept_specs():
+    from harness.conformance import CI_FORWARD_SKIPPED, forward_models
+
+    kept = forward_models("ci")
+    assert set(kept) | set(CI_FORWARD_SKIPPED) == set(zoo.names()) and len(kept) == len(zoo.names()) - len(CI_FORWARD_SKIPPED)
+    for skipped, representative in CI_FORWARD_SKIPPED.items():
+        assert representative in kept, skipped
+        ir, rep = zoo.load(skipped), zoo.load(representative)
+        assert {n.op for n in ir.nodes} == {n.op for n in rep.nodes}, f"{skipped} uses ops {representative} lacks"
+    assert forward_models("all") == zoo.names()
+    with pytest.raises(UsageError, match="--forward-models: unknown spec"):
+        forward_models("lenet5,nonet")
