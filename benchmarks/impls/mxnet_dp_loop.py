@@ -27,9 +27,7 @@ import mxnet as mx
 from mxnet import autograd, gluon
 
 from backends.mxnet import INFO
-from harness import zoo
-from harness.backend import BuildConfig, Optimizer
-from harness.cell import weights_for
+from benchmarks.impls import build_for
 from harness.data import synthetic_batch
 
 
@@ -37,13 +35,7 @@ def setup(cell, rendezvous):
     store = mx.kv.create("dist_sync")
     if store.num_workers != rendezvous.world:
         raise RuntimeError(f"mxnet_dp_loop: kvstore has {store.num_workers} workers, not {rendezvous.world}")
-    b = INFO.create()
-    b.configure(cell.threads, cell.cpu_settings == "tuned")
-    ir = zoo.load(cell.model, cell.input)
-    config = INFO.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
-                                             Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
-    b.build(ir, config)
-    b.set_weights(weights_for(ir, cell.seed))
+    b, ir = build_for(INFO, cell)
     b.trainer = None  # the backend's single-process Trainer: unused here
     net = b.train_net
     x, y = synthetic_batch(ir, cell.global_batch, cell.seed)

@@ -25,11 +25,14 @@ import paddle.distributed as dist
 import paddle.nn.functional as F
 
 from backends.paddle import INFO
-from harness import zoo
-from harness.backend import BuildConfig, Optimizer
-from harness.cell import weights_for
+from benchmarks.impls import build_for
 from harness.data import synthetic_batch
 from harness.graph import as_output_list
+
+
+def _dynamic_only(config):
+    if (config.exec_mode or "dynamic") != "dynamic":
+        raise ValueError("paddle_dp_loop: paddle.DataParallel runs in the dynamic graph only")
 
 
 def setup(cell, rendezvous):
@@ -38,15 +41,7 @@ def setup(cell, rendezvous):
     dist.init_parallel_env()
     if dist.get_world_size() != rendezvous.world or dist.get_rank() != rendezvous.rank:
         raise RuntimeError(f"paddle_dp_loop: joined as rank {dist.get_rank()} of {dist.get_world_size()}")
-    b = INFO.create()
-    b.configure(cell.threads, cell.cpu_settings == "tuned")
-    ir = zoo.load(cell.model, cell.input)
-    config = INFO.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
-                                             Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
-    if (config.exec_mode or "dynamic") != "dynamic":
-        raise ValueError("paddle_dp_loop: paddle.DataParallel runs in the dynamic graph only")
-    b.build(ir, config)
-    b.set_weights(weights_for(ir, cell.seed))
+    b, ir = build_for(INFO, cell, _dynamic_only)
     module = b.module
     model = paddle.DataParallel(module)
     x, y = synthetic_batch(ir, cell.global_batch, cell.seed)

@@ -16,22 +16,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from backends.torch import INFO
-from harness import zoo
-from harness.backend import BuildConfig, Optimizer
-from harness.cell import weights_for
+from benchmarks.impls import build_for
 from harness.data import synthetic_batch
 
 
 def setup(cell, rendezvous):
     dist.init_process_group("gloo", init_method=f"tcp://{rendezvous.host}:{rendezvous.ports[0]}",
                             rank=rendezvous.rank, world_size=rendezvous.world, timeout=datetime.timedelta(seconds=600))
-    b = INFO.create()
-    b.configure(cell.threads, cell.cpu_settings == "tuned")
-    ir = zoo.load(cell.model, cell.input)
-    config = INFO.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
-                                             Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
-    b.build(ir, config)
-    b.set_weights(weights_for(ir, cell.seed))
+    b, ir = build_for(INFO, cell)
     model = torch.nn.parallel.DistributedDataParallel(b.module)
     x, y = synthetic_batch(ir, cell.global_batch, cell.seed)
     shard = slice(rendezvous.rank * cell.per_worker_batch, (rendezvous.rank + 1) * cell.per_worker_batch)

@@ -10,20 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from backends.torch import INFO
-from harness import zoo
-from harness.backend import BuildConfig, Optimizer
-from harness.cell import weights_for
+from benchmarks.impls import build_for
 from harness.data import synthetic_batch
 
 
 def setup(cell):
-    b = INFO.create()
-    b.configure(cell.threads, cell.cpu_settings == "tuned")
-    ir = zoo.load(cell.model, cell.input)
-    config = INFO.resolve_config(BuildConfig(cell.device, cell.precision, cell.exec_mode, dict(cell.options),
-                                             Optimizer(cell.lr, cell.momentum, cell.weight_decay)))
-    b.build(ir, config)
-    b.set_weights(weights_for(ir, cell.seed))
+    b, ir = build_for(INFO, cell)
     model = b.model
     x, y = synthetic_batch(ir, cell.batch, cell.seed)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
