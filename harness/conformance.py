@@ -195,12 +195,7 @@ def forward_models(selection: str) -> list[str]:
         return zoo.names()
     if selection == "ci":
         return [m for m in zoo.names() if m not in CI_FORWARD_SKIPPED]
-    chosen = [m.strip() for m in selection.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in zoo.names()]
-    if unknown:
-        raise UsageError(f"--forward-models: unknown spec(s) {', '.join(unknown)} (all, ci, or names from "
-                         "`samenet list`)")
-    return chosen
+    return _spec_list("--forward-models", selection, "all, ci")
 
 
 def training_models(selection: str) -> list[str]:
@@ -209,11 +204,15 @@ def training_models(selection: str) -> list[str]:
         return [m for m in QUICK_TRAINING_MODELS if m in zoo.names()]
     if selection == "all":
         return zoo.names()
+    return _spec_list("--training-models", selection, "quick, all")
+
+
+def _spec_list(option: str, selection: str, keywords: str) -> list[str]:
+    """The specs of a comma list, refusing an unknown one (UsageError naming the option)."""
     chosen = [m.strip() for m in selection.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in zoo.names()]
     if unknown:
-        raise UsageError(f"--training-models: unknown spec(s) {', '.join(unknown)} (quick, all, or names from "
-                         "`samenet list`)")
+        raise UsageError(f"{option}: unknown spec(s) {', '.join(unknown)} ({keywords}, or names from `samenet list`)")
     return chosen
 
 
