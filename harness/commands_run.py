@@ -249,8 +249,8 @@ def parity_table(df, model: str):
 
 
 def _configure_parity(p):
-    p.add_argument("--models", help="comma-separated models, 'quick' (the conformance suite's "
-                   "quick training set) or 'all' (default; with --workers: lenet5,resnet18)")
+    p.add_argument("--models", help="comma-separated models, 'quick' (the conformance suite's quick training "
+                   "set), 'ci' (its forward set in CI) or 'all' (default; with --workers: lenet5,resnet18)")
     p.add_argument("--backends", default="all", help="comma-separated backends or 'all' (default: those installed "
                                                      "here or with a tox env)")
     p.add_argument("--workers", type=int, default=1,
@@ -258,6 +258,9 @@ def _configure_parity(p):
                         "against the oracle of N workers (default models: lenet5,resnet18)")
     p.add_argument("--no-forward", action="store_true", help="skip the forward check")
     p.add_argument("--no-train", action="store_true", help="skip the training-step check")
+    p.add_argument("--cases-only", action="store_true",
+                   help="compute and cache the numpy oracle's cases for these models and the backends' conventions "
+                        "(--backends all: every registered backend), run no backend")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per model before its process is killed "
                                                               "and the row is a crash (default 3600)")
@@ -273,7 +276,9 @@ def cmd_parity(args) -> int:
 
     known = registry.names()
     overrides = _pairs(args.python, "--python")
-    if args.backends == "all":
+    if args.cases_only:
+        backends = known if args.backends == "all" else parse_list(args.backends, "--backends", known)
+    elif args.backends == "all":
         backends = []
         for b in known:
             try:
@@ -294,10 +299,16 @@ def cmd_parity(args) -> int:
         from .conformance import training_models
 
         models = training_models("quick")
+    elif args.models.strip() == "ci":
+        from .conformance import forward_models
+
+        models = forward_models("ci")
     else:
         models = parse_list(args.models, "--models", None, zoo.names())
     for m in models:
         zoo.path_of(m)
+    if args.cases_only:
+        return _prepare_cases(backends, models, args)
     threads = args.threads or registry.default_threads()
     store = Store(args.results, "parity")
     rows = []
@@ -329,6 +340,23 @@ def cmd_parity(args) -> int:
 
 
 cmd_parity.configure = _configure_parity
+
+
+def _prepare_cases(backends: list[str], models: list[str], args) -> int:
+    """``parity --cases-only``: one line per case computed (or read from the cache); exit 1 if one failed."""
+    from .parity import prepare_cases
+
+    err = console(stderr=True)
+
+    def on_case(line):
+        err.print(f"{line['case']}: {line['status']} {line['wall_s']:.1f} s {line.get('reason', '')}", markup=False)
+
+    start = time.perf_counter()
+    lines = prepare_cases(backends, models, not args.no_forward, not args.no_train, args.workers, on_case)
+    failed = [line for line in lines if line["status"] != "ok"]
+    console().print(f"{len(lines)} cases in {time.perf_counter() - start:.0f} s"
+                    + (f"; {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
 
 
 def _configure_train(p):

@@ -359,6 +359,49 @@ def run_data_parallel(backend: str, models: list[str], python: str, workers: int
     return rows
 
 
+def prepare_cases(backends: list[str], models: list[str], forward: bool, train: bool, workers: int = 1,
+                  on_case=None) -> list[dict]:
+    """Computes and caches the oracle's cases that parity and the conformance suite read, running
+    no backend: the cases of ``models`` under the conventions the backends declare (BN
+    running-variance, data-parallel BN semantics). Each case is one line: what, seconds, status.
+
+    Framework-free: a sweep on many machines (or CI, while it installs the framework envs) then
+    computes each float64 oracle once instead of once per backend env that finds the cache cold.
+    """
+    from . import backend as registry
+    from .conformance import model_case, model_training_case
+    from .dp_parity import dp_case
+
+    infos = [registry.get(b) for b in backends]
+    jobs: list[tuple[str, object]] = []
+    for model in models:
+        if workers > 1:
+            for bn, unbiased in sorted({(i.data_parallel.bn, i.bn_variance == "unbiased") for i in infos
+                                        if i.capabilities.data_parallel and i.data_parallel is not None}):
+                jobs.append((f"dp:{model}/{bn}/{'unbiased' if unbiased else 'biased'}",
+                             lambda m=model, bn=bn, u=unbiased: dp_case(m, bn, workers, bn_unbiased=u)))
+            continue
+        if forward:
+            jobs.append((f"model:{model}", lambda m=model: model_case(m)))
+        if train:
+            for unbiased in sorted({i.bn_variance == "unbiased" for i in infos if i.capabilities.train}):
+                jobs.append((f"train:{model}/{'unbiased' if unbiased else 'biased'}",
+                             lambda m=model, u=unbiased: model_training_case(m, bn_unbiased=u)))
+    lines = []
+    for what, make in jobs:
+        start = time.perf_counter()
+        try:
+            make()
+            line = {"case": what, "status": "ok"}
+        except Exception as exc:  # noqa: BLE001  (one case's failure is its line; the backend's run recomputes it)
+            line = {"case": what, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+        line["wall_s"] = time.perf_counter() - start
+        lines.append(line)
+        if on_case:
+            on_case(line)
+    return lines
+
+
 def _gap(backend: str, model: str) -> str | None:
     from . import backend as registry
 
