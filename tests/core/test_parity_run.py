@@ -53,3 +53,21 @@ def test_a_dead_child_is_a_crash_row_with_its_output(tmp_path):
     assert [(r["model"], r["status"]) for r in rows] == [("a", "crash"), ("b", "pass"), ("c", "pass")]
     assert "exit code 139" in rows[0]["reason"] and "segfault-like death" in rows[0]["log_tail"]
     assert [r["model"] for r in seen] == ["a", "b", "c"]
+
+
+def test_cases_only_caches_what_every_backend_env_reads(tmp_path, monkeypatch):
+    """``parity --cases-only`` runs no backend and leaves the cases the backend envs look up:
+    a forward case and one training case per BN-variance convention, then the data-parallel
+    cases per (BN semantics, convention) the data-parallel backends declare."""
+    from harness import backend as registry
+    from harness.cli import main
+
+    monkeypatch.setenv("SAMENET_CACHE", str(tmp_path))
+    assert main(["parity", "--cases-only", "--models", "lenet5"]) == 0
+    conventions = {i.bn_variance == "unbiased" for i in map(registry.get, registry.names()) if i.capabilities.train}
+    assert len(list((tmp_path / "conformance").glob("lenet5-*.npz"))) == 1
+    assert len(list((tmp_path / "training").glob("lenet5-*.npz"))) == len(conventions) == 2
+    assert main(["parity", "--cases-only", "--models", "lenet5", "--workers", "2"]) == 0
+    dp = {(i.data_parallel.bn, i.bn_variance) for i in map(registry.get, registry.names())
+          if i.capabilities.data_parallel and i.data_parallel is not None}
+    assert len(list((tmp_path / "dp").glob("lenet5-*.npz"))) == len(dp) > 1
