@@ -76,6 +76,51 @@ def _configure(p):
     p.add_argument("--compare", action="store_true",
                    help="end with the latest rows of every backend in the store (this machine), not only this sweep's")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_executor_options(p)
+
+
+def add_executor_options(p):
+    """``--executor`` and its options (harness.executors; docs/executors.md)."""
+    from .executors import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where cells run: local subprocesses, Ray tasks or Slurm jobs (default local)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local executor: correctness cells at once (timing cells always run one at a time; default 1)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="--executor ray: join this cluster (default: a Ray instance on 127.0.0.1 for this command)")
+    p.add_argument("--slurm-partition", metavar="NAME", help="--executor slurm: partition of every job")
+    p.add_argument("--slurm-time", metavar="MINUTES|H:MM:SS",
+                   help="--executor slurm: time limit per job (default: --timeout plus 5 minutes)")
+    p.add_argument("--slurm-folder", metavar="DIR",
+                   help="--executor slurm: submitit's job files and logs (default: RESULTS/slurm-jobs)")
+
+
+def executor_from_args(args, store: Store, timing: bool = True):
+    """The executor the options name; a bad combination is a one-line error (exit 2)."""
+    from .executors import LocalExecutor, RayExecutor, SlurmExecutor, parse_minutes, require
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: must be positive, got {args.jobs}")
+    if args.jobs > 1 and args.executor != "local":
+        raise UsageError("--jobs: only with --executor local (Ray and Slurm run as many cells as fit)")
+    if args.jobs > 1 and timing:
+        raise UsageError("--jobs: timing cells (every cell of 'samenet run') never share cores and run one at a "
+                         "time; --jobs is for correctness work")
+    if args.ray_address and args.executor != "ray":
+        raise UsageError("--ray-address: only with --executor ray")
+    slurm = [o for o, v in (("--slurm-partition", args.slurm_partition), ("--slurm-time", args.slurm_time),
+                            ("--slurm-folder", args.slurm_folder)) if v]
+    if slurm and args.executor != "slurm":
+        raise UsageError(f"{slurm[0]}: only with --executor slurm")
+    if args.executor == "ray":
+        require("ray", "ray", "ray")  # fail now, not after the first cell
+        return RayExecutor(args.ray_address)
+    if args.executor == "slurm":
+        require("submitit", "slurm", "slurm")
+        minutes = parse_minutes(args.slurm_time, "--slurm-time") if args.slurm_time else None
+        return SlurmExecutor(args.slurm_folder or store.root / "slurm-jobs", args.slurm_partition, minutes)
+    return LocalExecutor(args.jobs)
 
 
 def cells_from_args(args) -> list[Cell]:
@@ -196,8 +241,9 @@ def cmd_run(args) -> int:
     cells = cells_from_args(args)
     overrides = _pairs(args.python, "--python")
     pythons = {b: python_for(b, overrides) for b in {c.backend for c in cells}}
-    rows = sweep(cells, store, pythons.__getitem__, args.timeout, force=args.force, progress=not args.quiet,
-                 retry_failed=args.retry_failed)
+    with executor_from_args(args, store) as executor:
+        rows = sweep(cells, store, pythons.__getitem__, args.timeout, force=args.force, progress=not args.quiet,
+                     retry_failed=args.retry_failed, executor=executor)
     out = console()
     import pandas as pd
 

@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import backend as registry
 from .cell import Cell
@@ -32,6 +33,11 @@ from .distributed import bus_bandwidth, ring_allreduce_s
 from .env import ROOT, THREAD_VARS, host_environment, machine_class
 from .errors import UsageError
 from .results import Store
+
+Started = Callable[[Cell], None]
+"""Called with each cell as it is handed to its process, task or job (the progress bar)."""
+Rows = Iterator[tuple[int, dict]]
+"""``(index in the cells given, row)`` pairs, in the order the cells end."""
 
 OOM_SIGNS = ("out of memory", "bad_alloc", "memoryerror", "cannot allocate memory", "resourceexhausted")
 
@@ -126,6 +132,11 @@ def _finish_row(cell: Cell, python: str, env: dict, row: dict, wall: float, load
     row.update(host_environment())
     row["machine_class"] = machine_class()
     return row
+
+
+def run_one(cell: Cell, python: str, timeout: float) -> dict:
+    """What every executor runs for one cell, wherever it lands (run_cell)."""
+    return run_cell(cell, python, timeout)
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -302,38 +313,104 @@ FAILED = frozenset({"error", "crash", "timeout", "oom"})
 """Statuses a retry reruns: not ``ok``, nor ``unsupported`` (which a rerun cannot change)."""
 
 
+class LocalExecutor:
+    """Cells as subprocesses of this machine; ``jobs`` at once for correctness cells only.
+
+    The default executor of a sweep; harness.executors has the Ray and Slurm ones, with the
+    same ``map``.
+
+    Args:
+        jobs: How many non-timing cells may run at once (timing cells: always one).
+    """
+
+    name = "local"
+
+    def __init__(self, jobs: int = 1):
+        if jobs < 1:
+            raise UsageError(f"--jobs: must be positive, got {jobs}")
+        self.jobs = jobs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def map(self, cells: list[Cell], python: Callable[[str], str], timeout: float, timing: bool = True,
+            started: Started | None = None) -> Rows:
+        """Yields ``(index in cells, row)`` as each cell ends."""
+        started = started or (lambda cell: None)
+        if timing or self.jobs == 1:
+            for i, cell in enumerate(cells):
+                started(cell)
+                yield i, run_one(cell, python(cell.backend), timeout)
+            return
+        pool = ThreadPoolExecutor(self.jobs)
+        try:
+            running = {}
+            for i, cell in enumerate(cells):
+                started(cell)
+                running[pool.submit(run_one, cell, python(cell.backend), timeout)] = i
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield running.pop(future), future.result()
+        finally:
+            # An interrupted sweep must not go on to start the queued cells.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def settled_keys(store: Store, force: bool = False, retry_failed: bool = False) -> set[str]:
+    """Keys of the cells a sweep skips: those in the store, less failures with ``retry_failed``."""
+    if force:
+        return set()
+    if retry_failed:
+        return {key for key, status in store.statuses().items() if status not in FAILED}
+    return store.keys()
+
+
 def sweep(cells: Iterable[Cell], store: Store, python: Callable[[str], str], timeout: float, force: bool = False,
-          progress: bool = True, run_id: str | None = None, retry_failed: bool = False) -> list[dict]:
-    """Runs every cell not yet in the store; returns the rows of this sweep (new ones).
+          progress: bool = True, run_id: str | None = None, retry_failed: bool = False, executor=None,
+          timing: bool = True) -> list[dict]:
+    """Runs every cell not yet in the store; returns the rows of this sweep (new ones), in cell order.
+
+    The executor (harness.executors; default: local, one cell at a time) only maps cells to
+    rows; this driver decides what runs and writes each row as it arrives, so resume, retry
+    and force are the same whatever runs the cells.
 
     Args:
         force: Run every cell, whatever the store holds.
         retry_failed: Also run cells whose newest row's status is in FAILED.
+        executor: Where the cells run (LocalExecutor, RayExecutor, SlurmExecutor).
+        timing: The cells are timed (never two on the same cores); False for correctness
+            work, which an executor may run side by side.
     """
     cells = list(cells)
-    if force:
-        have = set()
-    elif retry_failed:
-        have = {key for key, status in store.statuses().items() if status not in FAILED}
-    else:
-        have = store.keys()
+    have = settled_keys(store, force, retry_failed)
+    executor = executor or LocalExecutor()
     run_id = run_id or uuid.uuid4().hex[:12]
     bar = _Progress(len(cells), progress)
-    rows = []
+    todo = []
+    for cell in cells:
+        if cell.key() in have:
+            bar.end(cell, None)
+        else:
+            todo.append(cell)
+    rows: dict[int, dict] = {}
     try:
-        for cell in cells:
-            if cell.key() in have:
-                bar.end(cell, None)
-                continue
-            bar.begin(cell)
-            row = run_cell(cell, python(cell.backend), timeout)
+        for i, row in executor.map(todo, python, timeout, timing=timing, started=bar.begin):
             row["run_id"] = run_id
+            row.setdefault("executor", executor.name)
+            row.setdefault("node", row.get("hostname"))
             store.write(row)
-            rows.append(row)
-            bar.end(cell, row)
+            rows[i] = row
+            bar.end(todo[i], row)
     finally:
         bar.close()
-    return rows
+    return [rows[i] for i in sorted(rows)]
 
 
 def with_defaults(cell: Cell) -> Cell:
