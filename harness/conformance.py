@@ -48,7 +48,10 @@ def code_version() -> str:
     for name in _CASE_SOURCES:
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:10]
-CACHE_LIMIT_PARAMS = 30_000_000  # larger models are recomputed rather than cached (disk)
+CACHE_LIMIT_PARAMS = 200_000_000
+"""Models up to this size are cached: every spec of the zoo (VGG-19-BN, 144M parameters, is a
+575 MB case file). Recomputing instead costs each backend env the VGG family's float64 oracle,
+mostly drawing the 100M-parameter classifier's weights, 15-20 s per spec per env."""
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -59,6 +62,19 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
+    prune_stale_cases(path.parent)
+
+
+def prune_stale_cases(folder: Path) -> None:
+    """Deletes the case files in ``folder`` written by another code version.
+
+    Every code change keys a new set of cases (several GB for the zoo); older ones are never
+    read again. A name ends with its writer's code version (``...-<10 hex>.npz``)."""
+    current = code_version()
+    for path in folder.glob("*.npz"):
+        version = path.name[:-len(".npz")].rsplit("-", 1)[-1]
+        if version != current and len(version) == len(current) and all(c in "0123456789abcdef" for c in version):
+            path.unlink(missing_ok=True)
 
 
 def cache_dir() -> Path:

@@ -104,3 +104,18 @@ def test_a_malformed_floor_cache_is_a_miss_and_is_rewritten(tmp_path, monkeypatc
         written.write_text(bad)
         assert conformance.fp32_floor(case) == fresh, bad
         assert conformance._read_floor_cache(written) is not None  # recomputed and written again
+
+
+def test_writing_a_case_deletes_only_other_code_versions_cases(tmp_path):
+    current = conformance.code_version()
+    other = "0123456789"
+    stale = tmp_path / f"lenet5-abcdef-s0-b2-{other}.npz"
+    kept = [tmp_path / f"lenet5-abcdef-s0-b2-{current}.npz",
+            tmp_path / f"lenet5-abcdef-s0-b2-{other}.npz.123.tmp.npz",  # another process still writing
+            tmp_path / "notes-by-hand.npz"]
+    for path in [stale, *kept]:
+        np.savez(path, a=np.zeros(1))
+    conformance.save_arrays(tmp_path / f"resnet18-abcdef-s0-b2-{current}.npz", {"a": np.ones(2)})
+    assert not stale.exists()
+    assert all(path.exists() for path in kept)
+    assert (tmp_path / f"resnet18-abcdef-s0-b2-{current}.npz").exists()
