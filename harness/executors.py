@@ -29,7 +29,7 @@ from typing import Callable
 from . import backend as registry
 from .cell import Cell
 from .errors import UsageError
-from .runner import LocalExecutor, Rows, Started, _finish_row, child_environment, run_one
+from .runner import Executor, LocalExecutor, Rows, Started, _finish_row, child_environment, run_one
 
 EXECUTORS = ("local", "ray", "slurm")
 TIMING_SLOT = "samenet-timing-slot"
@@ -102,7 +102,7 @@ def forwarded_environment() -> dict[str, str]:
     return env
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Cells as Ray tasks, one per cell, placed by their resources (ray_request).
 
     Each node declares the backend envs it holds and one timing slot, e.g.
@@ -121,12 +121,6 @@ class RayExecutor:
         self.address = address
         self.ray = None
         self.connected = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _start(self, cells: list[Cell]) -> None:
         self.ray = ray = require("ray", "ray", "ray")
@@ -227,7 +221,7 @@ def parse_minutes(text: str, option: str) -> int:
     return minutes
 
 
-class SlurmExecutor:
+class SlurmExecutor(Executor):
     """Cells as Slurm jobs through submitit, one job per cell.
 
     Args:
@@ -245,15 +239,6 @@ class SlurmExecutor:
                  parameters: dict | None = None, local: bool = False, poll_s: float = 1.0):
         self.folder, self.partition, self.time_min = Path(folder), partition, time_min
         self.parameters, self.local, self.poll_s = dict(parameters or {}), local, poll_s
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        pass
 
     def _executor(self):
         submitit = require("submitit", "slurm", "slurm")

@@ -313,7 +313,20 @@ FAILED = frozenset({"error", "crash", "timeout", "oom"})
 """Statuses a retry reruns: not ``ok``, nor ``unsupported`` (which a rerun cannot change)."""
 
 
-class LocalExecutor:
+class Executor:
+    """Base of the executors: a context manager whose exit calls ``close``; subclasses give ``map``."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Releases what the executor started (nothing here)."""
+
+
+class LocalExecutor(Executor):
     """Cells as subprocesses of this machine; ``jobs`` at once for correctness cells only.
 
     The default executor of a sweep; harness.executors has the Ray and Slurm ones, with the
@@ -329,15 +342,6 @@ class LocalExecutor:
         if jobs < 1:
             raise UsageError(f"--jobs: must be positive, got {jobs}")
         self.jobs = jobs
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        pass
 
     def map(self, cells: list[Cell], python: Callable[[str], str], timeout: float, timing: bool = True,
             started: Started | None = None) -> Rows:
