@@ -120,7 +120,14 @@ def cmd_report(args) -> int:
     out_dir = Path(args.out) if args.out else root / "report"
     html_path, md_path = write(frames, out_dir, baseline=args.baseline, models=_list(args.models, "--models"),
                                backends=_list(args.backends, "--backends"), title=args.title)
-    console().print(f"wrote {html_path} and {md_path}", markup=False)
+    out = console()
+    if not frames["bench"].empty:
+        from .findings import evaluate
+        from .tables import select
+
+        for f in evaluate(select(frames["bench"], _list(args.models, "--models"), _list(args.backends, "--backends"))):
+            out.print(f"finding {f.line()}", markup=False)
+    out.print(f"wrote {html_path} and {md_path}", markup=False)
     return 0
 
 

@@ -15,6 +15,11 @@ from .results import Store, latest
 from .runner import expand, python_for, sweep
 
 QUICK = {"models": "lenet5,resnet18", "modes": "train,infer", "batch_sizes": "16", "warmup": 3, "iters": 10}
+# Presets of cells: per preset, the (modes, batch sizes) groups whose cells are measured, and
+# the store their rows go to. The zoo preset is what the report's analysis charts and findings
+# need: inference at two batch sizes (for the charts against batch size), training at batch 16
+# only (a batch-1 training step measures little beyond per-step overhead).
+PRESETS = {"zoo": {"groups": ((("infer",), (1, 16)), (("train",), (16,))), "store": "zoo"}}
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -41,9 +46,13 @@ def _configure(p):
     p.add_argument("--backends", default="torch",
                    help="comma-separated backends, or 'all': every framework backend, not the numpy reference "
                    "(default: torch)")
-    p.add_argument("--models", help="comma-separated models, or 'all' (default: lenet5,resnet18)")
-    p.add_argument("--modes", help="train,infer (default: both)")
-    p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16)")
+    p.add_argument("--models", help="comma-separated models, or 'all' (default: lenet5,resnet18; with --preset zoo: "
+                                    "every spec)")
+    p.add_argument("--modes", help="train,infer (default: both; not with --preset)")
+    p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16; not with --preset)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="zoo: every spec (or --models), inference at batch 1 and 16 and training at batch 16; rows "
+                        "go to the 'zoo' store (samenet report --kind zoo: analysis charts and findings)")
     p.add_argument("--input", help="input CxHxW instead of each spec's default")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] (gpu is an alias), ascend[:N]")
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(registry.PRECISIONS)}")
@@ -128,11 +137,20 @@ def cells_from_args(args) -> list[Cell]:
     # Loading every backend's metadata for "all" only: a broken one must not stop a run of others.
     everything = registry.framework_names() if args.backends.strip() == "all" else None
     backends = parse_list(args.backends, "--backends", known, everything)
-    models = parse_list(args.models or QUICK["models"], "--models", None, zoo.names())
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else None
+    if preset:
+        given = [o for o, v in (("--modes", args.modes), ("--batch-sizes", args.batch_sizes), ("--quick", args.quick))
+                 if v]
+        if given:
+            raise UsageError(f"{given[0]}: not with --preset {args.preset}, which sets its own modes and batch sizes")
+    models = parse_list(args.models or (",".join(zoo.names()) if preset else QUICK["models"]), "--models", None,
+                        zoo.names())
     for m in models:
         zoo.path_of(m)  # unknown model: one-line error now, not one failed row per cell
     modes = parse_list(args.modes or QUICK["modes"], "--modes", list(MODES))
     batches = _ints(args.batch_sizes or QUICK["batch_sizes"], "--batch-sizes")
+    groups = [(list(m), list(b)) for m, b in preset["groups"]] if preset else [(modes, batches)]
+    modes = sorted({m for g, _ in groups for m in g})
     registry.split_device(args.device)
     if args.precision not in registry.PRECISIONS:
         raise UsageError(f"--precision: unknown '{args.precision}' (known: {', '.join(registry.PRECISIONS)})")
@@ -182,7 +200,12 @@ def cells_from_args(args) -> list[Cell]:
             bad = [b for b in batches for n in workers if b % n]
             if bad:
                 raise UsageError(f"--scaling strong: batch {bad[0]} does not split evenly over --workers {args.workers}")
-    cells = expand(backends, models, modes, batches, args.repeats, **common)
+    # One expansion per group, then in model order (a partial sweep has whole models), without duplicates.
+    cells = [c for g_modes, g_batches in groups
+             for c in expand(backends, models, g_modes, g_batches, args.repeats, **common)]
+    seen: set[str] = set()
+    cells = [c for c in cells if not (c.key() in seen or seen.add(c.key()))]
+    cells.sort(key=lambda c: models.index(c.model))
     from dataclasses import replace
 
     cells = [replace(c, exec_mode=exec_modes.get(c.backend), options=tuple(sorted(options[c.backend].items())))
@@ -237,6 +260,8 @@ def cmd_run(args) -> int:
     from .results import load
 
     store_kind = "quick" if args.quick and args.store == "bench" else args.store
+    if args.preset and args.store == "bench":
+        store_kind = PRESETS[args.preset]["store"]
     store = Store(args.results, store_kind)
     cells = cells_from_args(args)
     overrides = _pairs(args.python, "--python")

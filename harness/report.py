@@ -171,6 +171,119 @@ def scaling_plot(rows, name: str) -> Figure | None:
     return Figure(name, _png(fig), "throughput against batch size per model, mode and backend")
 
 
+def _ok_summary(rows):
+    """Medians per backend variant and configuration of the ok rows (harness.findings.summarise)."""
+    from .findings import summarise
+
+    return summarise(rows)
+
+
+def efficiency_plot(rows, name: str) -> Figure | None:
+    """Throughput against GMACs per sample, bubble area by parameters, one panel per (mode, batch).
+
+    Log axes: the zoo spans four orders of magnitude in MACs. Only panels with two or more
+    networks are drawn; None when no panel has.
+    """
+    t = _ok_summary(rows)
+    t = t[t["samples_per_s"].notna() & (t["macs_per_sample"] > 0)] if not t.empty else t
+    if t.empty:
+        return None
+    groups = [(k, g) for k, g in t.groupby(["mode", "batch"], sort=True) if g["model"].nunique() > 1]
+    groups.sort(key=lambda kg: (kg[0][0], int(kg[0][1])))
+    if not groups:
+        return None
+    colors = _colors(t["variant"].unique())
+    biggest = float(t["params"].max()) if t["params"].notna().any() else 1.0
+    cols = min(3, len(groups))
+    n_rows = -(-len(groups) // cols)
+    fig = _plt_figure(5.0 * cols, 4.2 * n_rows + 0.6)
+    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    for ax, ((mode, batch), g) in zip(axes, groups):
+        for variant, gv in g.groupby("variant"):
+            size = 15 + 600 * gv["params"].fillna(0).to_numpy(dtype=float) / biggest
+            ax.scatter(gv["macs_per_sample"].to_numpy(dtype=float) / 1e9, gv["samples_per_s"].to_numpy(dtype=float),
+                       s=size, alpha=0.55, color=colors[variant], edgecolors="black", linewidths=0.4, label=variant)
+        # Each network named once, at its fastest backend's point.
+        for model, gm in g.groupby("model"):
+            best = gm.loc[gm["samples_per_s"].idxmax()]
+            ax.annotate(model, (best["macs_per_sample"] / 1e9, best["samples_per_s"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("GMACs per sample")
+        ax.set_ylabel("samples/s")
+        ax.set_title(f"{mode}, batch {batch}", fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7, markerscale=0.5)
+    fig.suptitle("throughput against operations per sample (bubble area: parameters)", fontsize=11)
+    return Figure(name, _png(fig), "throughput against GMACs per sample per backend, bubble area by parameters",
+                  "median throughput of each (backend, network); log axes; each network named at its fastest point")
+
+
+def per_batch_plot(rows, column: str, ylabel: str, title: str, name: str) -> Figure | None:
+    """``column`` against batch size: one panel per (model, mode) measured at two or more batch sizes, a line per backend."""
+    t = _ok_summary(rows)
+    t = t[t[column].notna()] if not t.empty else t
+    if t.empty:
+        return None
+    t = t.assign(batch_n=t["batch"].astype(int))
+    groups = [(k, g) for k, g in t.groupby(["model", "mode"], sort=True) if g["batch_n"].nunique() > 1]
+    if not groups:
+        return None
+    colors = _colors(t["variant"].unique())
+    cols = min(4, len(groups))
+    n_rows = -(-len(groups) // cols)
+    fig = _plt_figure(3.6 * cols, 2.8 * n_rows + 0.6)
+    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    for ax, ((model, mode), g) in zip(axes, groups):
+        for variant, gv in g.groupby("variant"):
+            gv = gv.groupby("batch_n")[column].median().sort_index()
+            ax.plot(gv.index.to_numpy(), gv.to_numpy(dtype=float), marker="o", color=colors[variant], label=variant)
+        ax.set_xscale("log", base=2)
+        batches = sorted(g["batch_n"].unique())
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{model}, {mode}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return Figure(name, _png(fig), f"{title}, per model and backend")
+
+
+def analysis_blocks(bench, plots: bool) -> list:
+    """The zoo analysis: throughput against MACs, step time and memory against batch size, and the findings."""
+    from .findings import MEMORY, evaluate
+
+    blocks: list = [Heading("Analysis")]
+    if plots:
+        made = [efficiency_plot(bench, "efficiency.png"),
+                per_batch_plot(bench, "step_median_s", "step time (s)", "step time against batch size",
+                               "step_vs_batch.png"),
+                per_batch_plot(bench, MEMORY, "MB", f"memory against batch size: peak RSS over the post-import "
+                                                    f"baseline ({MEMORY})", "memory_vs_batch.png")]
+        blocks += [f for f in made if f]
+        if not any(made[1:]):
+            blocks.append(Paragraph("No step-time or memory chart against batch size: no network was measured at "
+                                    "two batch sizes on one backend (samenet run --preset zoo measures 1 and 16)."))
+        if not made[0]:
+            blocks.append(Paragraph("No throughput-against-MACs chart: fewer than two networks measured in one mode "
+                                    "and batch size."))
+    found = evaluate(bench)
+    blocks += [Heading("Findings"), Paragraph(
+        "Claims of the literature, checked against the ok rows alone: two rows are compared only on the same "
+        "network, mode, batch, input, precision, device, threads and machine class; within 5 % is a tie. "
+        "holds: every comparison agrees; does not hold: none does; mixed: some do."),
+        Table("findings", ["claim", "source", "verdict", "numbers", "holds for", "does not hold for", "note"],
+              [[f.claim.text, f.claim.source, f.verdict, f.numbers, "; ".join(f.holds_for), "; ".join(f.fails_for),
+                f.note] for f in found])]
+    return blocks
+
+
 def data_parallel_blocks(bench, plots: bool) -> list:
     """The data-parallel scaling table and plot (harness.scaling), or nothing without DP rows."""
     from .scaling import efficiencies
@@ -384,6 +497,7 @@ def build(frames: dict, baseline: str | None = "auto", models=None, backends=Non
             blocks.append(fig or Paragraph("No batch-size scaling plot: every cell was measured at one batch size."))
         blocks.append(spread_table(bench))
         blocks += data_parallel_blocks(bench, plots)
+        blocks += analysis_blocks(bench, plots)
 
     blocks.append(Heading("Accuracy"))
     p = tables.pivot(train, "accuracy", baseline)

@@ -139,8 +139,9 @@ def test_report_has_tables_plots_spreads_and_environments(tmp_path):
     html_path, md_path = report.write(frames(tmp_path), tmp_path / "report", baseline="torch")
     page = html_path.read_text()
     sources = _img_sources(page)
-    # throughput, memory, batch-size scaling, training curves, parity heat map
-    assert len(sources) == 5
+    # throughput, memory, batch-size scaling, throughput against MACs, step time against batch size (no memory
+    # against batch size: these rows have no rss_increase_mb), training curves, parity heat map
+    assert len(sources) == 7
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
@@ -151,7 +152,8 @@ def test_report_has_tables_plots_spreads_and_environments(tmp_path):
         assert text in page, text
     md = md_path.read_text()
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert sorted(images) == ["memory.png", "parity.png", "scaling.png", "throughput.png", "training.png"]
+    assert sorted(images) == ["efficiency.png", "memory.png", "parity.png", "scaling.png", "step_vs_batch.png",
+                              "throughput.png", "training.png"]
     for name in images:
         assert (md_path.parent / name).read_bytes()[:8] == PNG_MAGIC
     assert "| model | mode | batch | tf | torch |" in md and "untimed warm-up" in md
@@ -163,7 +165,7 @@ def test_report_degrades_when_kinds_of_rows_are_missing(tmp_path, monkeypatch):
     html_path, md_path = report.write(frames(tmp_path), tmp_path / "out")
     page = html_path.read_text()
     assert "No train rows" in page and "No parity rows" in page and "one batch size" in page
-    assert len(_img_sources(page)) == 2  # throughput and memory only
+    assert len(_img_sources(page)) == 3  # throughput, memory and throughput against MACs (two networks)
     monkeypatch.setattr(report, "_has_matplotlib", lambda: False)
     html_path, _ = report.write(frames(tmp_path), tmp_path / "plain")
     assert "Plots left out" in html_path.read_text() and not _img_sources(html_path.read_text())
