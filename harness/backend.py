@@ -67,14 +67,15 @@ class BuildConfig:
         precision: One of PRECISIONS.
         exec_mode: Backend execution mode (its first mode by default).
         options: Backend options by name (e.g. ``memory_format``), defaults filled in.
-        optimizer: Train-step hyper-parameters.
+        optimizer: Train-step hyper-parameters; None builds for inference only: no optimiser
+            and no training state (an inference cell's build), and ``train_step`` then raises.
     """
 
     device: str = "cpu"
     precision: str = "fp32"
     exec_mode: str | None = None
     options: dict[str, str] = field(default_factory=dict)
-    optimizer: Optimizer = field(default_factory=Optimizer)
+    optimizer: Optimizer | None = field(default_factory=Optimizer)
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def train_step(self, batch) -> Any:
         """One training step per the module's contract; returns the loss (not synchronised)."""
+
+    def require_optimizer(self, config: BuildConfig) -> Optimizer:
+        """The build's optimiser settings; raises if it was built for inference only."""
+        if config.optimizer is None:
+            raise RuntimeError(f"backend {self.name}: built for inference only (BuildConfig.optimizer is None); "
+                               "no training step")
+        return config.optimizer
 
     def set_lr(self, lr: float) -> None:
         """Changes the learning rate of later train steps (schedules; momentum buffers kept)."""

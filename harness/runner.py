@@ -87,6 +87,7 @@ def run_cell(cell: Cell, python: str, timeout: float) -> dict:
         config, out, log = Path(tmp) / "cell.json", Path(tmp) / "row.json", Path(tmp) / "log.txt"
         config.write_text(json.dumps(cell.to_dict()))
         load_before = os.getloadavg()[0]
+        spawned = time.time()
         start = time.perf_counter()
         timed_out = False
         with open(log, "wb") as logf:
@@ -101,10 +102,15 @@ def run_cell(cell: Cell, python: str, timeout: float) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
                 code = proc.wait()
         wall = time.perf_counter() - start
+        ended = time.time()
         load_after = os.getloadavg()[0]
         tail = log.read_text(errors="replace")[-3000:]
         if out.exists() and not timed_out:
             row = json.loads(out.read_text())
+            entry = row.pop("main_entry_unix", None)
+            if entry is not None and row.get("cell_s") is not None:  # the cell's overhead breakdown
+                row["startup_s"] = entry - spawned  # interpreter start and the harness's imports
+                row["exit_s"] = ended - entry - row["cell_s"]  # from the row written to the exit seen here
         else:
             row = {"status": "error"}
             lower = tail.lower()
@@ -250,6 +256,7 @@ def merge_rank_rows(cell: Cell, info, rows: list[dict | None], result) -> dict:
     row["peak_rss_sum_mb"] = sum(r["peak_rss_mb"] for r in rows)
     row["first_step_s"] = max(r["first_step_s"] for r in rows)
     row.pop("step_start_ns", None)
+    row.pop("main_entry_unix", None)
     row.update(common)
     return row
 

@@ -295,6 +295,7 @@ class KerasJaxBackend(GenericKerasBackend):
         return self._last
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         if self.bufs is None:
             self.bufs = self._zeros(self.tv)
         lr = np.float32(self.config.optimizer.lr)

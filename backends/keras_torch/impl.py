@@ -106,8 +106,9 @@ class KerasTorchBackend(GenericKerasBackend):
         self.build_model(ir, config, self.keras_device, same_avgpool=False)
         params = [v.value for v in self.model.train_model.trainable_weights]
         opt = config.optimizer
+        # An inference build makes no optimiser: the first torch.optim.SGD imports torch._dynamo (seconds).
         self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum,
-                                         weight_decay=opt.weight_decay) if params else None
+                                         weight_decay=opt.weight_decay) if params and opt else None
 
     # weights -----------------------------------------------------------------
 
@@ -142,6 +143,7 @@ class KerasTorchBackend(GenericKerasBackend):
         return loss
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         x, y = batch
         with keras.device(self.keras_device):
             if self.optimizer is None:  # nothing to learn: forward (BN statistics) and loss only

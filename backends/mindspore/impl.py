@@ -153,7 +153,9 @@ class MindSporeBackend(Backend):
         self.net, self.canonical, self.cells = build_net(ir, config, self.graph)
         self.trainable = self.net.trainable_params()
         opt = config.optimizer
-        if self.trainable:
+        if opt is None:  # an inference build: no optimiser, no training cell
+            self.optimizer, self.train_cell = None, None
+        elif self.trainable:
             # One group: MindSpore then decays every parameter of it (ungrouped it skips beta/gamma).
             self.optimizer = nn.Momentum([{"params": self.trainable, "weight_decay": float(opt.weight_decay)}],
                                          learning_rate=float(opt.lr), momentum=float(opt.momentum))
@@ -171,7 +173,7 @@ class MindSporeBackend(Backend):
         wrap = ms.jit if self.graph else (lambda c: c)
         self._eval = wrap(self.eval_cell)
         self._fwd_train = wrap(self.fwd_train_cell)
-        self._train = wrap(self.train_cell)
+        self._train = wrap(self.train_cell) if self.train_cell is not None else None
 
     # weights -----------------------------------------------------------------
 
@@ -228,6 +230,7 @@ class MindSporeBackend(Backend):
         return self._eval(batch[0])
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         return self._train(*batch)
 
     def set_lr(self, lr: float) -> None:

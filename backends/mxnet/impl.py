@@ -107,7 +107,8 @@ class MXNetBackend(Backend):
             for net in (self.eval_net, self.train_net):
                 net.hybridize(static_alloc=True, static_shape=True)
         self.trainable = {k: p for k, p in self.program.params.items() if p.grad_req != "null"}
-        self.trainer = self._trainer(config.optimizer)
+        # An inference build makes no Trainer (nor, in a data-parallel cell, its kvstore keys).
+        self.trainer = self._trainer(config.optimizer) if config.optimizer is not None else None
         self.masks: list = []
         self._gpu_peak = 0.0
 
@@ -232,6 +233,7 @@ class MXNetBackend(Backend):
         return self.eval_net(batch[0])
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         x, y = batch
         if self.trainer is None:
             # nothing to learn, but MXNet updates BN running statistics in the backward pass:

@@ -23,7 +23,7 @@ class NumpyBackend(Backend):
         return np.__version__
 
     def build(self, ir, config: BuildConfig) -> None:
-        self.ir = ir
+        self.ir, self.config = ir, config
         self.optimizer = config.optimizer
         self.weights = {p: np.zeros(q.shape, np.float32) for p, q in ir.params.items()}
         self.momentum: dict | None = None
@@ -60,6 +60,7 @@ class NumpyBackend(Backend):
         return self.forward(batch[0])
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         x, y = batch
         self.steps += 1
         step = grads.train_step(self.ir, self.weights, x, y, self.optimizer, self.momentum, self.masks,

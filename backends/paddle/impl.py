@@ -192,8 +192,9 @@ class PaddleBackend(Backend):
             if self.exec_mode == "static":
                 raise UnsupportedError("paddle backend: data parallel runs in the dynamic graph only")
             self.model = paddle.DataParallel(self.module)
-        self.optimizer = self._optimizer(config.optimizer)
-        self.scaler = paddle.amp.GradScaler() if config.precision == "amp-fp16" else None
+        training = config.optimizer is not None  # an inference build makes no optimiser
+        self.optimizer = self._optimizer(config.optimizer) if training else None
+        self.scaler = paddle.amp.GradScaler() if config.precision == "amp-fp16" and training else None
 
     @staticmethod
     def _place(device: str) -> str:
@@ -388,6 +389,7 @@ class PaddleBackend(Backend):
         return loss
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         x, y = batch
         self._set_mode(True)
         if self.optimizer is None:  # nothing to learn: forward (BN statistics) and loss only

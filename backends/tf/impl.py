@@ -297,6 +297,7 @@ class KerasTFBackend(Backend):
         return self._last
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         if self.train_unsupported:
             raise UnsupportedError(self.train_unsupported)
         if self.momentum_bufs is None:

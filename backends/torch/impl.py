@@ -162,9 +162,10 @@ class TorchBackend(Backend):
             self.model = torch.compile(self.model)
         params = [p for p in self.module.parameters() if p.requires_grad]
         opt = config.optimizer
+        # An inference build makes no optimiser: the first torch.optim.SGD imports torch._dynamo (seconds).
         self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum,
-                                         weight_decay=opt.weight_decay) if params else None
-        self.scaler = torch.amp.GradScaler("cuda") if prec == "amp-fp16" else None
+                                         weight_decay=opt.weight_decay) if params and opt else None
+        self.scaler = torch.amp.GradScaler("cuda") if prec == "amp-fp16" and opt else None
 
     def _data_parallel(self, config: BuildConfig):
         if config.options.get("dp_bn") == "sync":
@@ -277,6 +278,7 @@ class TorchBackend(Backend):
         return loss
 
     def train_step(self, batch):
+        self.require_optimizer(self.config)
         x, y = batch
         self.module.train()
         if self.optimizer is None:  # nothing to learn: forward (BN statistics) and loss only

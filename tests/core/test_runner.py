@@ -48,6 +48,33 @@ def test_ok_row_has_the_protocol_figures():
     assert row["input"] == "1x32x32" and row["exec_mode"] == "eager"
 
 
+def test_ok_row_splits_the_cells_overhead():
+    """Process start, the steps and the exit are each accounted for, and add up to the wall time."""
+    row = run_cell(cell(), sys.executable, timeout=120)
+    assert row["status"] == "ok"
+    assert "main_entry_unix" not in row
+    for key in ("startup_s", "cell_s", "exit_s", "steps_s"):
+        assert row[key] >= -0.01, key  # two clocks (spawn, main entry) read a few ms apart
+    assert row["steps_s"] >= row["first_step_s"] + sum(row["samples_ns"]) / 1e9
+    assert row["startup_s"] + row["cell_s"] + row["exit_s"] == pytest.approx(row["wall_s"], abs=0.05)
+    assert row["import_s"] + row["build_s"] + row["steps_s"] < row["cell_s"]
+
+
+def test_an_inference_build_has_no_optimiser_and_refuses_to_train():
+    from harness import backend as registry, zoo
+    from harness.backend import BuildConfig
+    from harness.data import synthetic_batch
+
+    ir = zoo.load("lenet5")
+    b = registry.get("numpy").create()
+    b.build(ir, BuildConfig(optimizer=None))
+    x, y = synthetic_batch(ir, 2, 0)
+    batch = b.to_device(x, y)
+    assert b.infer_step(batch)[0].shape == (2, 10)
+    with pytest.raises(RuntimeError, match="built for inference only"):
+        b.train_step(batch)
+
+
 def test_unsupported_is_a_row_with_its_reason():
     row = run_cell(cell(precision="amp-bf16"), sys.executable, timeout=120)
     assert row["status"] == "unsupported"
