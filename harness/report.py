@@ -178,6 +178,15 @@ def _ok_summary(rows):
     return summarise(rows)
 
 
+def _legend(ax, colors: dict, marker: str = "o", line: bool = True) -> None:
+    """A legend of every backend variant in the figure, not only those of the panel it sits in."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker=marker, linestyle="-" if line else "none", label=str(v))
+               for v, c in colors.items()]
+    ax.legend(handles=handles, fontsize=7)
+
+
 def efficiency_plot(rows, name: str) -> Figure | None:
     """Throughput against GMACs per sample, bubble area by parameters, one panel per (mode, batch).
 
@@ -216,14 +225,17 @@ def efficiency_plot(rows, name: str) -> Figure | None:
         ax.grid(alpha=0.3)
     for ax in axes[len(groups):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=7, markerscale=0.5)
+    _legend(axes[0], colors, line=False)
     fig.suptitle("throughput against operations per sample (bubble area: parameters)", fontsize=11)
     return Figure(name, _png(fig), "throughput against GMACs per sample per backend, bubble area by parameters",
                   "median throughput of each (backend, network); log axes; each network named at its fastest point")
 
 
-def per_batch_plot(rows, column: str, ylabel: str, title: str, name: str) -> Figure | None:
-    """``column`` against batch size: one panel per (model, mode) measured at two or more batch sizes, a line per backend."""
+def per_batch_plot(rows, column: str, ylabel: str, title: str, name: str, log: bool = False) -> Figure | None:
+    """``column`` against batch size: a panel per (model, mode) of two or more batch sizes, a line per backend.
+
+    ``log``: a log y axis (step times of one network differ by orders of magnitude between backends).
+    """
     t = _ok_summary(rows)
     t = t[t[column].notna()] if not t.empty else t
     if t.empty:
@@ -246,11 +258,13 @@ def per_batch_plot(rows, column: str, ylabel: str, title: str, name: str) -> Fig
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size")
         ax.set_ylabel(ylabel)
+        if log and (g[column] > 0).all():
+            ax.set_yscale("log")
         ax.set_title(f"{model}, {mode}", fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[len(groups):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], colors)
     fig.suptitle(title, fontsize=11)
     return Figure(name, _png(fig), f"{title}, per model and backend")
 
@@ -262,8 +276,8 @@ def analysis_blocks(bench, plots: bool) -> list:
     blocks: list = [Heading("Analysis")]
     if plots:
         made = [efficiency_plot(bench, "efficiency.png"),
-                per_batch_plot(bench, "step_median_s", "step time (s)", "step time against batch size",
-                               "step_vs_batch.png"),
+                per_batch_plot(bench, "step_median_s", "step time (s)", "step time against batch size (log)",
+                               "step_vs_batch.png", log=True),
                 per_batch_plot(bench, MEMORY, "MB", f"memory against batch size: peak RSS over the post-import "
                                                     f"baseline ({MEMORY})", "memory_vs_batch.png")]
         blocks += [f for f in made if f]
