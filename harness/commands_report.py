@@ -101,7 +101,7 @@ cmd_table.configure = _configure_table
 
 
 def _configure_report(p):
-    _add_selection(p, "store of the timing rows (default: bench)")
+    _add_selection(p, "store of the timing rows (default: bench; zoo: the rows of 'run --preset zoo')")
     p.add_argument("--out", help="folder of report.html, report.md and its PNGs (default: <results>/report)")
     p.add_argument("--baseline", default="auto", help="backend the ratios refer to (auto: torch when present; none)")
     p.add_argument("--title", default="samenet report")

@@ -9,6 +9,10 @@ Plots use matplotlib's object API (``matplotlib.figure.Figure``, no pyplot): no 
 no display needed. Without matplotlib (the ``report`` extra) the report still has every table
 and says that plots were left out. A kind of row that is missing (no training runs, no parity
 rows, one batch size only) gives a sentence instead of its plot.
+
+The analysis section (``analysis_blocks``) adds throughput against GMACs per sample, step time
+and memory against batch size, and the findings of ``harness.findings``: the literature's claims
+checked against the rows.
 """
 
 from __future__ import annotations
