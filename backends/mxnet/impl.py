@@ -136,6 +136,8 @@ class MXNetBackend(Backend):
         self._bench_keys += 1
         t = mx.nd.ones((max(1, nbytes // 4),), ctx=ctx, dtype=np.float32)
         self.kv.init(key, t)
+        mx.nd.waitall()  # rank 0's initial value delivered before any rank pushes (_init_kvstore)
+        self.kv._barrier()
 
         def allreduce():  # the server sums the workers' pushes; each pulls the sum
             self.kv.pushpull(key, t, out=t)
@@ -244,9 +246,27 @@ class MXNetBackend(Backend):
             loss = self.train_net(x, y, *self.masks)[0]
         loss.backward()
         if self.trainer is not None:
+            if getattr(self, "kv", None) is not None and not self.trainer._kv_initialized:
+                self._init_kvstore()
             # rescale_grad = 1/world: the kvstore's sum of the ranks' gradients becomes their mean
             self.trainer.step(self._world)
         return loss
+
+    def _init_kvstore(self) -> None:
+        """The Trainer's kvstore keys, initialised from rank 0's weights, delivered before any rank pushes.
+
+        kvstore.init returns (and its barrier passes) once rank 0's pushes of the initial
+        values are queued, not delivered: a gradient push of another rank could reach the
+        server first and be taken for the key's initial value (apache/mxnet#7893). Here that
+        gave lenet5's last key, fc3.bias, a wrong first update in about a third of the runs.
+        Waiting for the pushes' replies on every rank, then a barrier, orders them.
+        """
+        trainer = self.trainer
+        trainer._init_kvstore()
+        if trainer._params_to_init:
+            trainer._init_params()  # rank 0's values to the server, pulled by every rank
+        mx.nd.waitall()
+        self.kv._barrier()
 
     def set_lr(self, lr: float) -> None:
         """MXNet's SGD keeps ``state = lr * v`` (PyTorch's v): rescaling the states by
