@@ -53,11 +53,10 @@ def git_revision() -> tuple[str | None, bool | None]:
 
 
 @lru_cache(maxsize=1)
-def host_environment() -> dict:
-    """What does not depend on the backend: machine, OS, Python, git."""
+def node_environment() -> dict:
+    """This machine: host, OS, Python, CPU, memory, GPUs (once per process)."""
     import psutil
 
-    rev, dirty = git_revision()
     gpu = gpus()
     return {
         "hostname": socket.gethostname(),
@@ -71,14 +70,28 @@ def host_environment() -> dict:
         "gpu": gpu[0]["name"] if gpu else None,
         "gpu_count": len(gpu),
         "gpu_driver": gpu[0]["driver"] if gpu else None,
-        "git_revision": rev,
-        "git_dirty": dirty,
     }
+
+
+@lru_cache(maxsize=1)
+def sweep_environment() -> dict:
+    """What is the same for every cell of a sweep wherever it runs: the checkout's git revision.
+
+    The driver captures it once and hands it to every cell (a Ray task, a Slurm job), so
+    nodes neither run git per cell nor need the checkout's .git.
+    """
+    rev, dirty = git_revision()
+    return {"git_revision": rev, "git_dirty": dirty}
+
+
+def host_environment(sweep: dict | None = None) -> dict:
+    """What does not depend on the backend: this machine's, and the sweep's (captured here if not given)."""
+    return node_environment() | (sweep if sweep is not None else sweep_environment())
 
 
 def machine_class() -> str:
     """Timings are only comparable within a class: CPU model x cores (x GPU)."""
-    env = host_environment()
+    env = node_environment()
     parts = [env["cpu_model"], f"{env['cpu_affinity'] or env['cpu_logical']} cpus"]
     if env["gpu"]:
         parts.append(env["gpu"])

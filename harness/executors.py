@@ -29,7 +29,8 @@ from typing import Callable
 from . import backend as registry
 from .cell import Cell
 from .errors import UsageError
-from .runner import Executor, LocalExecutor, Rows, Started, _finish_row, child_environment, run_one
+from .env import sweep_environment
+from .runner import Executor, LocalExecutor, Rows, Started, _finish_row, child_environment, run_cell
 
 EXECUTORS = ("local", "ray", "slurm")
 TIMING_SLOT = "samenet-timing-slot"
@@ -69,11 +70,11 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {sentence}".rstrip(": ") + (f"; node {node.group(1)}" if node else "")
 
 
-def _ray_task(cell: Cell, python: str, timeout: float) -> dict:
+def _ray_task(cell: Cell, python: str, timeout: float, environment: dict) -> dict:
     """The Ray task: the cell subprocess on whichever node Ray chose, and which node that was."""
     import ray
 
-    row = run_one(cell, python, timeout)
+    row = run_cell(cell, python, timeout, environment)
     row["node_id"] = ray.get_runtime_context().get_node_id()
     return row
 
@@ -166,6 +167,7 @@ class RayExecutor(Executor):
             self._start(cells)
         ray = self.ray
         started = started or (lambda cell: None)
+        environment = sweep_environment()  # once, in the driver: the nodes run no git
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         running = {}
         for i, cell in enumerate(cells):
@@ -176,7 +178,7 @@ class RayExecutor(Executor):
                                   f"and the timing slot with ray start --resources)")
                 continue
             started(cell)
-            running[self.task.options(**request).remote(cell, python(cell.backend), timeout)] = i
+            running[self.task.options(**request).remote(cell, python(cell.backend), timeout, environment)] = i
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
@@ -197,9 +199,9 @@ def _describe(request: dict) -> str:
     return ", ".join(parts + sorted(request["resources"]))
 
 
-def _slurm_task(cell: Cell, python: str, timeout: float) -> dict:
+def _slurm_task(cell: Cell, python: str, timeout: float, environment: dict) -> dict:
     """The Slurm job: the cell subprocess on the job's node, and which job that was."""
-    row = run_one(cell, python, timeout)
+    row = run_cell(cell, python, timeout, environment)
     row["slurm_job_id"] = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
     return row
 
@@ -269,13 +271,14 @@ class SlurmExecutor(Executor):
             return
         submitit, executor = self._executor()
         started = started or (lambda cell: None)
+        environment = sweep_environment()  # once, in the driver: the jobs run no git
         # On this machine (LocalExecutor) timing cells cannot be kept apart by Slurm: one at a time.
         one_at_a_time = self.local and timing
         jobs: dict = {}
         for i, cell in enumerate(cells):
             executor.update_parameters(**self._parameters(cell, timeout, timing))
             started(cell)
-            jobs[executor.submit(_slurm_task, cell, python(cell.backend), timeout)] = i
+            jobs[executor.submit(_slurm_task, cell, python(cell.backend), timeout, environment)] = i
             if one_at_a_time:
                 yield from self._collect(jobs, cells, python, submitit)
         yield from self._collect(jobs, cells, python, submitit)

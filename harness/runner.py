@@ -30,7 +30,7 @@ from .cell import Cell
 import numpy as np
 
 from .distributed import bus_bandwidth, ring_allreduce_s
-from .env import ROOT, THREAD_VARS, host_environment, machine_class
+from .env import ROOT, THREAD_VARS, host_environment, machine_class, sweep_environment
 from .errors import UsageError
 from .results import Store
 
@@ -78,10 +78,16 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def run_cell(cell: Cell, python: str, timeout: float) -> dict:
-    """Runs one cell in a fresh process (``workers`` > 1: a group of them); always returns a row."""
+def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None = None) -> dict:
+    """Runs one cell in a fresh process (``workers`` > 1: a group of them); always returns a row.
+
+    Args:
+        environment: The sweep's environment (env.sweep_environment), captured once by the
+            driver; None captures it here.
+    """
     if cell.workers > 1:
-        return _finish_row(cell, python, child_environment(cell), *run_data_parallel(cell, python, timeout))
+        return _finish_row(cell, python, child_environment(cell), *run_data_parallel(cell, python, timeout),
+                           environment=environment)
     env = child_environment(cell)
     with tempfile.TemporaryDirectory(prefix="samenet-cell-") as tmp:
         config, out, log = Path(tmp) / "cell.json", Path(tmp) / "row.json", Path(tmp) / "log.txt"
@@ -126,23 +132,18 @@ def run_cell(cell: Cell, python: str, timeout: float) -> dict:
                 row.update(status="crash", error=f"exit code {code} without a result")
         if row.get("status") != "ok":
             row["log_tail"] = tail
-    return _finish_row(cell, python, env, row, wall, load_before, load_after)
+    return _finish_row(cell, python, env, row, wall, load_before, load_after, environment)
 
 
 def _finish_row(cell: Cell, python: str, env: dict, row: dict, wall: float, load_before: float,
-                load_after: float) -> dict:
+                load_after: float, environment: dict | None = None) -> dict:
     row.update(cell.to_dict() | {k: v for k, v in row.items() if k in ("input", "exec_mode", "options")})
     # The load average shows whether something else competed for the cores during the cell.
     row.update(cell_key=cell.key(), wall_s=wall, python=python, load_avg_before=load_before,
                load_avg_after=load_after, thread_env={k: env[k] for k in THREAD_VARS if k in env})
-    row.update(host_environment())
+    row.update(host_environment(environment))
     row["machine_class"] = machine_class()
     return row
-
-
-def run_one(cell: Cell, python: str, timeout: float) -> dict:
-    """What every executor runs for one cell, wherever it lands (run_cell)."""
-    return run_cell(cell, python, timeout)
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -354,17 +355,18 @@ class LocalExecutor(Executor):
             started: Started | None = None) -> Rows:
         """Yields ``(index in cells, row)`` as each cell ends."""
         started = started or (lambda cell: None)
+        environment = sweep_environment()
         if timing or self.jobs == 1:
             for i, cell in enumerate(cells):
                 started(cell)
-                yield i, run_one(cell, python(cell.backend), timeout)
+                yield i, run_cell(cell, python(cell.backend), timeout, environment)
             return
         pool = ThreadPoolExecutor(self.jobs)
         try:
             running = {}
             for i, cell in enumerate(cells):
                 started(cell)
-                running[pool.submit(run_one, cell, python(cell.backend), timeout)] = i
+                running[pool.submit(run_cell, cell, python(cell.backend), timeout, environment)] = i
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:

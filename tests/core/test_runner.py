@@ -117,6 +117,23 @@ def test_sweep_goes_on_after_failures_and_resumes(tmp_path):
     assert len(again) == 1 and len(list(store.rows())) == 4
 
 
+def test_the_sweeps_environment_is_captured_once(tmp_path, monkeypatch):
+    from harness import env
+
+    calls = []
+    monkeypatch.setattr(env, "git_revision", lambda: calls.append(1) or ("feedc0de", False))
+    env.sweep_environment.cache_clear()
+    try:
+        rows = sweep([cell(), cell("segfault"), cell(precision="amp-bf16")], Store(tmp_path),
+                     lambda b: sys.executable, timeout=120, progress=False)
+    finally:
+        env.sweep_environment.cache_clear()
+    assert len(calls) == 1
+    assert [(r["git_revision"], r["git_dirty"]) for r in rows] == [("feedc0de", False)] * 3
+    given = run_cell(cell(precision="amp-bf16"), sys.executable, 120, {"git_revision": "0ther", "git_dirty": True})
+    assert (given["git_revision"], given["git_dirty"]) == ("0ther", True)
+
+
 def test_retry_failed_reruns_only_cells_whose_newest_row_failed(tmp_path):
     store = Store(tmp_path)
     crashed, recovered, unsupported = cell("segfault"), cell(), cell(precision="amp-bf16")
