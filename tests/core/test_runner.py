@@ -152,15 +152,19 @@ def test_killing_a_sweep_loses_no_finished_cell(tmp_path):
     cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
            "--batch-sizes", "1,2,3,4,5", "--warmup", "0", "--iters", "2", "--threads", "1",
            "--results", str(tmp_path), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "sweep.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     store = Store(tmp_path)
     deadline = time.time() + 120
-    while len(list(store.rows())) < 2 and time.time() < deadline:
+    while len(list(store.rows())) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    exited = proc.poll()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = list(store.rows())
-    assert 2 <= len(done) < 5
+    assert exited is None, f"the sweep ended by itself (exit {exited}): {log.read_text()[-2000:]}"
+    assert 2 <= len(done) < 5, log.read_text()[-2000:]
     assert all(r["status"] == "ok" for r in done)
     for path in store.dir.iterdir():  # every file is a whole row or an ignored temporary
         if path.suffix == ".json":
