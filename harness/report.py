@@ -207,10 +207,7 @@ def efficiency_plot(rows, name: str) -> Figure | None:
         return None
     colors = _colors(t["variant"].unique())
     biggest = float(t["params"].max()) if t["params"].notna().any() else 1.0
-    cols = min(3, len(groups))
-    n_rows = -(-len(groups) // cols)
-    fig = _plt_figure(5.0 * cols, 4.2 * n_rows + 0.6)
-    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    fig, axes = _panel_grid(len(groups), 3, 5.0, 4.2)
     for ax, ((mode, batch), g) in zip(axes, groups):
         for variant, gv in g.groupby("variant"):
             size = 15 + 600 * gv["params"].fillna(0).to_numpy(dtype=float) / biggest
@@ -235,6 +232,14 @@ def efficiency_plot(rows, name: str) -> Figure | None:
                   "median throughput of each (backend, network); log axes; each network named at its fastest point")
 
 
+def _panel_grid(panels: int, most_cols: int, width: float, height: float):
+    """A figure of ``panels`` panels, at most ``most_cols`` a row, each ``width`` x ``height`` inches."""
+    cols = min(most_cols, panels)
+    n_rows = -(-panels // cols)
+    fig = _plt_figure(width * cols, height * n_rows + 0.6)
+    return fig, fig.subplots(n_rows, cols, squeeze=False).ravel()
+
+
 def per_batch_plot(rows, column: str, ylabel: str, title: str, name: str, log: bool = False) -> Figure | None:
     """``column`` against batch size: a panel per (model, mode) of two or more batch sizes, a line per backend.
 
@@ -249,10 +254,7 @@ def per_batch_plot(rows, column: str, ylabel: str, title: str, name: str, log: b
     if not groups:
         return None
     colors = _colors(t["variant"].unique())
-    cols = min(4, len(groups))
-    n_rows = -(-len(groups) // cols)
-    fig = _plt_figure(3.6 * cols, 2.8 * n_rows + 0.6)
-    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    fig, axes = _panel_grid(len(groups), 4, 3.6, 2.8)
     for ax, ((model, mode), g) in zip(axes, groups):
         for variant, gv in g.groupby("variant"):
             gv = gv.groupby("batch_n")[column].median().sort_index()
