@@ -151,6 +151,7 @@ def cells_from_args(args) -> list[Cell]:
     batches = _ints(args.batch_sizes or QUICK["batch_sizes"], "--batch-sizes")
     groups = [(list(m), list(b)) for m, b in preset["groups"]] if preset else [(modes, batches)]
     modes = sorted({m for g, _ in groups for m in g})
+    batches = sorted({b for _, g in groups for b in g})  # every batch the cells use (the strong-scaling check)
     registry.split_device(args.device)
     if args.precision not in registry.PRECISIONS:
         raise UsageError(f"--precision: unknown '{args.precision}' (known: {', '.join(registry.PRECISIONS)})")
