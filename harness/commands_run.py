@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from . import backend as registry
 from . import zoo
@@ -334,6 +336,9 @@ def _configure_parity(p):
                    help="compute and cache the numpy oracle's cases for these models and the backends' conventions "
                         "(--backends all: every registered backend), run no backend")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="parity processes at once, each with --threads / JOBS threads: parity is correctness work, "
+                        "whose processes may share cores (default 1)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per model before its process is killed "
                                                               "and the row is a crash (default 3600)")
     p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
@@ -362,6 +367,8 @@ def cmd_parity(args) -> int:
         backends = parse_list(args.backends, "--backends", known)
     if args.workers < 1:
         raise UsageError(f"--workers: must be positive, got {args.workers}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: must be positive, got {args.jobs}")
     if args.workers > 1 and not args.models:
         from .dp_parity import DP_MODELS
 
@@ -383,23 +390,34 @@ def cmd_parity(args) -> int:
         return _prepare_cases(backends, models, args)
     threads = args.threads or registry.default_threads()
     store = Store(args.results, "parity")
-    rows = []
+    pythons = {b: python_for(b, overrides) for b in backends}
     err = console(stderr=True)
-    for b in backends:
-        def on_row(row):
+    printing = threading.Lock()
+
+    def on_row(row):
+        with printing:
             err.print(f"{row['backend']} {row['model']}: {row['status']} {row.get('reason', '')}", markup=False)
 
+    def run_unit(unit: tuple[str, list[str]]) -> list[dict]:
+        b, group = unit
         if args.workers > 1:
             from .parity import run_data_parallel
 
-            got = run_data_parallel(b, models, python_for(b, overrides), args.workers,
-                                    max(1, threads // args.workers), args.timeout, on_row)
-        else:
-            got = run_backend(b, models, python_for(b, overrides), not args.no_forward, not args.no_train, threads,
-                              args.timeout, on_row)
-        for row in got:
-            store.write(row)
-            rows.append(row)
+            return run_data_parallel(b, group, pythons[b], args.workers,
+                                     max(1, threads // (args.workers * args.jobs)), args.timeout, on_row)
+        return run_backend(b, group, pythons[b], not args.no_forward, not args.no_train,
+                           max(1, threads // args.jobs), args.timeout, on_row)
+
+    rows = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        running = [pool.submit(run_unit, unit) for unit in parity_units(backends, models, args.jobs, args.workers)]
+        for done in as_completed(running):
+            for row in done.result():
+                row["jobs"] = args.jobs
+                store.write(row)
+                rows.append(row)
+    order = {(b, m): i for i, (b, m) in enumerate((b, m) for b in backends for m in models)}
+    rows.sort(key=lambda r: order[(r["backend"], r["model"])])
     df = pd.DataFrame(rows)
     out = console()
     for m in models:
@@ -412,6 +430,30 @@ def cmd_parity(args) -> int:
 
 
 cmd_parity.configure = _configure_parity
+
+
+def parity_units(backends: list[str], models: list[str], jobs: int, workers: int = 1) -> list[tuple[str, list[str]]]:
+    """The parity processes to run, ``(backend, models)`` each, costliest first.
+
+    One process per backend saves its framework's import per model; with more jobs than
+    backends, each backend's models are dealt into groups of about equal MACs, so that the
+    jobs stay busy. Data-parallel proofs (``workers`` > 1) start their ranks per model anyway:
+    one unit per model.
+    """
+    if workers > 1:
+        return [(b, [m]) for b in backends for m in models]
+    if jobs == 1:
+        return [(b, list(models)) for b in backends]
+    cost = {m: zoo.load(m).macs for m in models}
+    groups_per_backend = min(len(models), max(1, -(-jobs // len(backends))))
+    units = []
+    for b in backends:
+        groups: list[list[str]] = [[] for _ in range(groups_per_backend)]
+        for m in sorted(models, key=lambda m: -cost[m]):  # largest first into the lightest group
+            min(groups, key=lambda g: sum(cost[x] for x in g)).append(m)
+        units += [(b, [m for m in models if m in g]) for g in groups if g]
+    # Costliest first: a long unit started last would leave the other jobs idle at the end.
+    return sorted(units, key=lambda u: -sum(cost[m] for m in u[1]))
 
 
 def _prepare_cases(backends: list[str], models: list[str], args) -> int:
@@ -454,6 +496,9 @@ def _configure_train(p):
     p.add_argument("--exec-mode", default=None)
     p.add_argument("--threads", type=int)
     p.add_argument("--timeout", type=float, default=7200, help="seconds per run before it is killed")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once, each with --threads / JOBS threads: for accuracy and loss curves; "
+                        "runs side by side share the cores, so their times are not timings (rows record jobs)")
     p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
     p.add_argument("--python", action="append", metavar="BACKEND=PATH", help="interpreter of a backend's env")
 
@@ -474,7 +519,9 @@ def train_tables(df):
     first = table("training runs", ["model", "backend", "seed", "epochs", "final test acc", "best test acc",
                                     "last train loss", "train s", "s to target", "status"], runs,
                   right=["seed", "epochs", "final test acc", "best test acc", "last train loss", "train s",
-                         "s to target"])
+                         "s to target"],
+                  caption=(f"--jobs {int(df['jobs'].max())}: runs shared the cores, so train s and s to target are "
+                           "not timings to compare" if "jobs" in df and df["jobs"].max() > 1 else None))
     ok = df[df["status"] == "ok"]
     rows = []
     for model, g in ok.groupby("model"):
@@ -521,12 +568,37 @@ def cmd_train(args) -> int:
     except ValueError:
         raise UsageError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
     overrides = parse_sets(args.set)
-    threads = args.threads or registry.default_threads()
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: must be positive, got {args.jobs}")
+    threads = max(1, (args.threads or registry.default_threads()) // args.jobs)
     pythons = {b: python_for(b, _pairs(args.python, "--python")) for b in backends}
     store = Store(args.results, "train")
     err = console(stderr=True)
+
+    def run(config: TrainConfig, data_path: Path, folder: Path) -> dict:
+        """One training run in its backend's interpreter; its row, or a crash row."""
+        folder.mkdir()
+        cfg, out = folder / "config.json", folder / "row.json"
+        cfg.write_text(json.dumps(asdict(config)))
+        env = child_environment(Cell(backend=config.backend, model=config.model, mode="train", batch=1,
+                                     threads=threads))
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run([pythons[config.backend], "-m", "harness.training", str(cfg), str(data_path),
+                                   str(out)], env=env, cwd=folder, capture_output=True, text=True,
+                                  timeout=args.timeout)
+            tail = (proc.stderr or "")[-2000:]
+        except subprocess.TimeoutExpired:
+            tail = f"timeout after {args.timeout:.0f} s"
+        row = json.loads(out.read_text()) if out.exists() else \
+            {**asdict(config), "status": "crash", "error": tail.strip().splitlines()[-1] if tail else "no result"}
+        # Runs side by side share the cores: their times (to target) are not timings to compare.
+        row.update(wall_s=time.perf_counter() - start, data=args.data, jobs=args.jobs)
+        return row
+
     rows = []
-    with tempfile.TemporaryDirectory(prefix="samenet-train-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="samenet-train-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        running = []
         for model in models:
             ir = zoo.load(model, overrides=overrides or None, check=not overrides)
             data_path = load_data(args.data, ir).save(Path(tmp) / f"{model}-data.npz")
@@ -536,25 +608,14 @@ def cmd_train(args) -> int:
                                          args.schedule, args.step_epochs, args.gamma, args.momentum,
                                          args.weight_decay, seed, args.target_acc, args.log_steps, args.device,
                                          args.exec_mode, threads, overrides)
-                    cfg, out = Path(tmp) / "config.json", Path(tmp) / "row.json"
-                    cfg.write_text(json.dumps(asdict(config)))
-                    out.unlink(missing_ok=True)
-                    env = child_environment(Cell(backend=b, model=model, mode="train", batch=1, threads=threads))
-                    start = time.perf_counter()
-                    try:
-                        proc = subprocess.run([pythons[b], "-m", "harness.training", str(cfg), str(data_path),
-                                               str(out)], env=env, cwd=tmp, capture_output=True, text=True,
-                                              timeout=args.timeout)
-                        tail = (proc.stderr or "")[-2000:]
-                    except subprocess.TimeoutExpired:
-                        tail = f"timeout after {args.timeout:.0f} s"
-                    row = json.loads(out.read_text()) if out.exists() else \
-                        {**asdict(config), "status": "crash", "error": tail.strip().splitlines()[-1] if tail else "no result"}
-                    row.update(wall_s=time.perf_counter() - start, data=args.data)
-                    store.write(row)
-                    rows.append(row)
-                    acc = f"test acc {row['final_test_acc']:.4f}" if row["status"] == "ok" else row.get("error")
-                    err.print(f"{b} {model} seed {seed}: {row['status']} {acc}", markup=False)
+                    running.append(pool.submit(run, config, data_path, Path(tmp) / f"run-{len(running)}"))
+        for done in as_completed(running):
+            row = done.result()
+            store.write(row)
+            rows.append(row)
+            acc = f"test acc {row['final_test_acc']:.4f}" if row["status"] == "ok" else row.get("error")
+            err.print(f"{row['backend']} {row['model']} seed {row['seed']}: {row['status']} {acc}", markup=False)
+    rows = [f.result() for f in running]  # the order asked for
     out = console()
     for t in train_tables(pd.DataFrame(rows)):
         out.print(t)

@@ -139,3 +139,18 @@ def test_train_command_runs_and_records_curves(capsys, tmp_path):
     row = df.iloc[0]
     assert row["epochs_done"] == 2 and len(row["test_acc"]) == 2 and len(row["step_loss"][0]) == 512 // 64
     assert "agreement across backends" in capsys.readouterr().out
+
+
+def test_train_jobs_run_side_by_side_to_the_same_results(capsys, tmp_path):
+    from harness.results import load
+
+    common = ["train", "--backends", "numpy", "--data", "synthetic", "--epochs", "1", "--batch-size", "64",
+              "--seeds", "0,1", "--threads", "2"]
+    assert main([*common, "--jobs", "1", "--results", str(tmp_path / "one")]) == 0
+    assert main([*common, "--jobs", "2", "--results", str(tmp_path / "two")]) == 0
+    assert "runs shared the cores" in capsys.readouterr().out
+    one, two = (load(tmp_path / d, "train").sort_values("seed") for d in ("one", "two"))
+    assert list(two["jobs"]) == [2, 2] and list(two["threads"]) == [1, 1]
+    assert list(one["final_test_acc"]) == list(two["final_test_acc"])
+    assert [list(c[0]) for c in one["step_loss"]] == [list(c[0]) for c in two["step_loss"]]
+    assert one["step_loss"].iloc[0][0] != one["step_loss"].iloc[1][0], "two seeds: two different runs"

@@ -343,3 +343,9 @@ def test_parity_workers_must_be_positive(tmp_path, capsys):
     rc = main(["parity", "--workers", "0", "--backends", "numpy", "--results", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--workers: must be positive" in err[0], err
+
+
+def test_parity_jobs_must_be_positive(tmp_path, capsys):
+    rc = main(["parity", "--jobs", "0", "--backends", "numpy", "--results", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--jobs: must be positive" in err[0], err

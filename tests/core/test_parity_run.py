@@ -71,3 +71,57 @@ def test_cases_only_caches_what_every_backend_env_reads(tmp_path, monkeypatch):
     dp = {(i.data_parallel.bn, i.bn_variance) for i in map(registry.get, registry.names())
           if i.capabilities.data_parallel and i.data_parallel is not None}
     assert len(list((tmp_path / "dp").glob("lenet5-*.npz"))) == len(dp) > 1
+
+
+# Stand-in interpreter that records, per model, its process, its thread budget and when it ran.
+RECORDING_CHILD = textwrap.dedent("""\
+    #!{python}
+    import json, os, sys, time
+    config, out = json.load(open(sys.argv[3])), sys.argv[4]
+    for model in config["models"]:
+        start = time.time()
+        time.sleep(0.5)
+        json.dump({{"backend": config["backend"], "model": model, "status": "pass", "reason": "", "pid": os.getpid(),
+                   "child_threads": config["threads"], "start": start, "end": time.time()}},
+                  open(os.path.join(out, model + ".json"), "w"))
+    """)
+
+
+def test_parity_jobs_deal_a_backends_models_to_processes_that_run_side_by_side(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    stub = tmp_path / "python"
+    stub.write_text(RECORDING_CHILD.format(python=sys.executable))
+    stub.chmod(0o755)
+    models = ["lenet5", "alexnet", "resnet18", "mobilenet_v2"]
+    rc = main(["parity", "--jobs", "2", "--threads", "2", "--backends", "torch", "--models", ",".join(models),
+               "--python", f"torch={stub}", "--results", str(tmp_path / "results")])
+    assert rc == 0, capsys.readouterr().err
+    from harness.results import Store
+
+    rows = list(Store(str(tmp_path / "results"), "parity").rows())
+    assert sorted(r["model"] for r in rows) == sorted(models) and {r["jobs"] for r in rows} == {2}
+    by_pid: dict[int, list[dict]] = {}
+    for r in rows:
+        by_pid.setdefault(r["pid"], []).append(r)
+    assert len(by_pid) == 2, "two parity processes for one backend with --jobs 2"
+    assert {r["child_threads"] for r in rows} == {1}, "each of 2 jobs gets half of --threads 2"
+    first, second = ([min(r["start"] for r in g), max(r["end"] for r in g)] for g in by_pid.values())
+    assert first[0] < second[1] and second[0] < first[1], "the two processes' runs overlap in time"
+
+
+def test_parity_units_cover_every_model_once_and_balance_the_work():
+    from harness import zoo
+    from harness.commands_run import parity_units
+
+    models = ["lenet5", "alexnet", "vgg11", "resnet18", "resnet50", "mobilenet_v2", "squeezenet1_1"]
+    assert parity_units(["torch", "tf"], models, 1) == [("torch", models), ("tf", models)]
+    units = parity_units(["torch"], models, 3)
+    assert len(units) == 3 and sorted(m for _, g in units for m in g) == sorted(models)
+    assert all(g == [m for m in models if m in g] for _, g in units), "a group keeps the order asked for"
+    cost = [sum(zoo.load(m).macs for m in g) for _, g in units]
+    assert cost == sorted(cost, reverse=True), "costliest unit first"
+    biggest = max(zoo.load(m).macs for m in models)
+    assert cost[0] <= max(biggest, sum(cost) / 3 + biggest), cost
+    assert parity_units(["torch", "tf"], ["lenet5", "resnet18"], 2, workers=2) == [
+        ("torch", ["lenet5"]), ("torch", ["resnet18"]), ("tf", ["lenet5"]), ("tf", ["resnet18"])]
