@@ -67,6 +67,11 @@ class Cell:
     weight_decay: float = 5e-4
     workers: int = 1
     scaling: str = "weak"  # weak: batch is per worker; strong: batch is the global batch
+    # A data-parallel group across hosts (harness.distributed.group_of): every host's address
+    # in node-rank order, this launcher's node rank, the group's first port. Empty: one host.
+    hosts: tuple[str, ...] = ()
+    node_rank: int = 0
+    rendezvous_port: int = 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -74,6 +79,10 @@ class Cell:
         d["options"] = dict(self.options)
         if self.workers == 1:  # one process: the keys of cells measured before workers existed
             del d["workers"], d["scaling"]
+        if self.hosts:
+            d["hosts"] = list(self.hosts)
+        else:  # one host: the keys of cells measured before hosts existed
+            del d["hosts"], d["node_rank"], d["rendezvous_port"]
         return d
 
     @property
@@ -91,15 +100,20 @@ class Cell:
         d = dict(d)
         d["input"] = tuple(d["input"]) if d.get("input") else None
         d["options"] = tuple(sorted((d.get("options") or {}).items()))
+        d["hosts"] = tuple(d.get("hosts") or ())
         return cls(**d)
 
     def key(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        d = self.to_dict()
+        d.pop("rendezvous_port", None)  # where the group met, not what was measured
+        text = json.dumps(d, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def label(self) -> str:
         mode = f" {self.exec_mode}" if self.exec_mode else ""
         workers = f" x{self.workers} {self.scaling}" if self.workers > 1 else ""
+        if self.hosts:
+            workers += f" on {len(self.hosts)} hosts (node {self.node_rank})"
         return (f"{self.backend}{mode} {self.model} {self.mode} b{self.batch}{workers}"
                 + (f" r{self.repeat}" if self.repeat else ""))
 

@@ -67,6 +67,14 @@ def _configure(p):
                    help="tuned: each framework's best-practice CPU settings for the core budget; stock: its defaults")
     p.add_argument("--workers", default="1", help="data-parallel processes per training cell, comma-separated "
                    "(e.g. 1,2): each through its framework's own engine, on 127.0.0.1 (default 1)")
+    p.add_argument("--hosts", metavar="ADDR,ADDR,...",
+                   help="with --workers: one group across these hosts (node-rank order), the workers split evenly; "
+                        "run the same command on every host with its own --node-rank (unverified: "
+                        "docs/data-parallel.md)")
+    p.add_argument("--node-rank", type=int, help="with --hosts: this host's index in --hosts")
+    p.add_argument("--rendezvous-port", type=int,
+                   help="with --hosts: the group's first port, free on every host (the engine takes the ones after "
+                        "it that it needs, e.g. one per rank for TensorFlow)")
     p.add_argument("--scaling", choices=SCALINGS, default="weak",
                    help="with --workers: weak keeps the batch per worker (the global batch grows), strong keeps "
                         "the global batch (split over the workers) (default weak)")
@@ -197,8 +205,12 @@ def cells_from_args(args) -> list[Cell]:
             why = registry.get(lacking[0]).gap_reason("dp:*")
             raise UsageError(f"--workers: backend {lacking[0]} declares no data-parallel training"
                              + (f" ({why})" if why else ""))
-        if args.threads and max(workers) * args.threads > budget:
-            raise UsageError(f"--workers {max(workers)} x --threads {args.threads} exceeds the core budget of {budget}")
+    hosts = hosts_from_args(args, workers)
+    per_host = max(workers) // max(1, len(hosts))  # ranks on each host
+    if max(workers) > 1:
+        if args.threads and per_host * args.threads > budget:
+            raise UsageError(f"--workers {max(workers)} x --threads {args.threads} exceeds the core budget of {budget}"
+                             + (f" ({per_host} ranks on each of {len(hosts)} hosts)" if hosts else ""))
         if args.scaling == "strong":
             bad = [b for b in batches for n in workers if b % n]
             if bad:
@@ -217,9 +229,38 @@ def cells_from_args(args) -> list[Cell]:
         return cells
     # Each worker count of a training cell; unless given, every cell's threads are the budget's
     # share of the largest group, so N x T is compared with 1 x T (the same build).
-    threads = args.threads or max(1, budget // max(workers))
-    return [replace(c, workers=n, scaling=args.scaling, threads=threads)
+    threads = args.threads or max(1, budget // per_host)
+    group = dict(hosts=hosts, node_rank=args.node_rank or 0, rendezvous_port=args.rendezvous_port or 0) if hosts else {}
+    return [replace(c, workers=n, scaling=args.scaling, threads=threads, **group)
             for c in cells if c.mode == "train" for n in workers]
+
+
+def hosts_from_args(args, workers: list[int]) -> tuple[str, ...]:
+    """``--hosts``, checked with ``--node-rank`` and ``--rendezvous-port``; () for one host."""
+    given = [o for o, v in (("--node-rank", args.node_rank), ("--rendezvous-port", args.rendezvous_port))
+             if v is not None]
+    if not args.hosts:
+        if given:
+            raise UsageError(f"{given[0]}: only with --hosts")
+        return ()
+    hosts = tuple(h.strip() for h in args.hosts.split(","))
+    if len(hosts) < 2 or not all(hosts):
+        raise UsageError(f"--hosts: expected two or more comma-separated addresses, got '{args.hosts}'")
+    if args.node_rank is None or args.rendezvous_port is None:
+        raise UsageError("--hosts: needs --node-rank (this host's index in --hosts) and --rendezvous-port "
+                         "(the same free port on every host)")
+    if not 0 <= args.node_rank < len(hosts):
+        raise UsageError(f"--node-rank: must be 0..{len(hosts) - 1} for {len(hosts)} hosts, got {args.node_rank}")
+    if not 1024 <= args.rendezvous_port <= 65535 - 64:
+        raise UsageError(f"--rendezvous-port: must be 1024..{65535 - 64}, got {args.rendezvous_port}")
+    bad = [n for n in workers if n < len(hosts) or n % len(hosts)]
+    if bad:
+        raise UsageError(f"--hosts: --workers {bad[0]} does not split evenly over {len(hosts)} hosts "
+                         f"(every host runs the same number of ranks)")
+    if args.executor != "local":
+        raise UsageError("--hosts: only with --executor local (run one samenet per host; Ray and Slurm place "
+                         "cells themselves)")
+    return hosts
 
 
 def how_measured(df) -> str:

@@ -13,9 +13,11 @@ step time of the group is the slowest rank's; the clocks are ``perf_counter_ns``
 CLOCK_MONOTONIC, one clock for all processes of a host), which also gives the window over which
 global throughput counts every rank's samples.
 
-Every process of a group runs with harness/loopback_bind.c preloaded: a bind to any address
-becomes a bind to loopback, so no engine listens beyond 127.0.0.1 (the conformance tier
-checks every listening socket of a running group).
+Every process of a group on one host runs with harness/loopback_bind.c preloaded: a bind to
+any address becomes a bind to loopback, so no engine listens beyond 127.0.0.1 (the conformance
+tier checks every listening socket of a running group). A group across hosts (``group_of``
+with ``hosts``; docs/data-parallel.md) has one launcher per host, each starting its share of
+the ranks, on agreed ports, without the shim.
 """
 
 from __future__ import annotations
@@ -52,9 +54,13 @@ class Rendezvous:
     Attributes:
         rank: This process's rank, 0..world-1.
         world: Number of ranks (workers).
-        host: Address every process binds to (HOST).
-        ports: Free ports picked by the parent, as many as the backend declares.
-        device: The cell's device (``cpu``, ``cuda``: one GPU per rank, ``cuda:<rank>``).
+        host: This rank's own address, the one it binds to (HOST on one host).
+        ports: The group's ports, as many as the backend declares: free ones picked by the
+            parent on one host; ``--rendezvous-port`` and the ports after it across hosts.
+        device: The rank's device (``cpu``, or its own GPU ``cuda:<local rank>``).
+        addresses: Every rank's address, in rank order, across hosts; empty on one host
+            (every rank is on ``host``).
+        local_rank: This rank's index among the ranks of its host (None: ``rank``).
     """
 
     rank: int
@@ -62,13 +68,76 @@ class Rendezvous:
     host: str = HOST
     ports: tuple[int, ...] = ()
     device: str = "cpu"
+    addresses: tuple[str, ...] = ()
+    local_rank: int | None = None
+
+    def address(self, rank: int) -> str:
+        """The address of rank ``rank`` (its host's)."""
+        return self.addresses[rank] if self.addresses else self.host
+
+    @property
+    def coordinator(self) -> str:
+        """The address of rank 0's host, where a group's single services listen (rendezvous
+        store, coordinator, scheduler, parameter server)."""
+        return self.address(0)
+
+    @property
+    def local(self) -> int:
+        """This rank's index on its host (which CPUs or GPU of the host it takes)."""
+        return self.rank if self.local_rank is None else self.local_rank
+
+    @property
+    def loopback(self) -> bool:
+        """Every rank is on this host's loopback: engines are told to use ``lo`` only."""
+        return all(is_loopback(self.address(r)) for r in range(self.world))
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"ports": list(self.ports)}
+        return asdict(self) | {"ports": list(self.ports), "addresses": list(self.addresses)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rendezvous":
-        return cls(**(d | {"ports": tuple(d.get("ports", ()))}))
+        return cls(**(d | {"ports": tuple(d.get("ports", ())), "addresses": tuple(d.get("addresses", ()))}))
+
+
+def is_loopback(address: str) -> bool:
+    return address == "localhost" or address.startswith("127.") or address == "::1"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Where the ranks of a data-parallel cell run, seen from one host's launcher.
+
+    Attributes:
+        ranks: The global ranks this host starts.
+        addresses: Every rank's address in rank order (empty: every rank on this host).
+        ports: The group's ports.
+        helpers_here: This host starts the engine's helper processes (rank 0's host).
+        loopback: Every process is on this host's loopback (the bind shim applies).
+    """
+
+    ranks: tuple[int, ...]
+    addresses: tuple[str, ...]
+    ports: tuple[int, ...]
+    helpers_here: bool
+    loopback: bool
+
+
+def group_of(workers: int, n_ports: int, hosts: tuple[str, ...] = (), node_rank: int = 0,
+             rendezvous_port: int = 0) -> Group:
+    """The group of ``workers`` ranks as this host (``node_rank`` of ``hosts``) starts it.
+
+    One host (``hosts`` empty): every rank here, on 127.0.0.1, free ports picked now. Several:
+    ``workers`` split evenly over the hosts in order (host k runs ranks k*L..k*L+L-1), and the
+    ports are ``rendezvous_port`` and the ones after it, the same on every host (no host can
+    pick free ports for another).
+    """
+    if not hosts:
+        return Group(tuple(range(workers)), (), free_ports(n_ports), True, True)
+    per_host = workers // len(hosts)
+    addresses = tuple(h for h in hosts for _ in range(per_host))
+    ranks = tuple(range(node_rank * per_host, (node_rank + 1) * per_host))
+    return Group(ranks, addresses, tuple(range(rendezvous_port, rendezvous_port + n_ports)), node_rank == 0,
+                 all(is_loopback(h) for h in hosts))
 
 
 @dataclass(frozen=True)
@@ -182,7 +251,7 @@ def describe_exit(code: int) -> str:
 
 def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: list[Helper], env: dict[str, str],
            cwd: Path, timeout: float, failed: Callable[[int, int], str | None] | None = None,
-           grace: float = FAILURE_GRACE_S) -> RunResult:
+           grace: float = FAILURE_GRACE_S, first_rank: int = 0, loopback: bool = True) -> RunResult:
     """Runs one data-parallel group to its end; never leaves a process behind.
 
     Args:
@@ -197,9 +266,13 @@ def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: 
             ``(reason, time.monotonic() of the report)`` pair marks a failure the rank reported
             itself, which ranks after any death without a report, then by time.
         grace: Seconds the others get after the first failure.
+        first_rank: The global rank of ``ranks[0]`` (on a host after the first), for the roles.
+        loopback: Preload the loopback bind shim (every process stays on 127.0.0.1); False
+            for a group across hosts, whose engines must listen on the host's own address.
     """
     failed = failed or (lambda rank, code: describe_exit(code) if code else None)
-    env = env | {"LD_PRELOAD": ":".join(p for p in (loopback_shim(), env.get("LD_PRELOAD")) if p)}
+    if loopback:
+        env = env | {"LD_PRELOAD": ":".join(p for p in (loopback_shim(), env.get("LD_PRELOAD")) if p)}
     procs: list[tuple[Outcome, subprocess.Popen, Path]] = []
     start = time.monotonic()
 
@@ -215,7 +288,7 @@ def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: 
         for h in helpers:
             spawn(h.role, h.argv, h.env)
         for r, (argv, extra) in enumerate(ranks):
-            spawn(f"rank {r}", argv, extra)
+            spawn(f"rank {first_rank + r}", argv, extra)
         n_helpers = len(helpers)
         deadline, kill_at = start + timeout, None
         failures: list[tuple[int, float, str, str]] = []  # (reported, when, role, reason)

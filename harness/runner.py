@@ -29,7 +29,7 @@ from . import backend as registry
 from .cell import Cell
 import numpy as np
 
-from .distributed import bus_bandwidth, ring_allreduce_s
+from .distributed import HOST, bus_bandwidth, ring_allreduce_s
 from .env import ROOT, THREAD_VARS, host_environment, machine_class, sweep_environment
 from .errors import UsageError
 from .results import Store
@@ -147,14 +147,15 @@ def _finish_row(cell: Cell, python: str, env: dict, row: dict, wall: float, load
 
 
 def rank_device(device: str, rank: int) -> str:
-    """One device per rank: ``cuda`` -> ``cuda:<rank>``; the CPU is shared."""
+    """One device per rank of a host: ``cuda`` -> ``cuda:<local rank>``; the CPU is shared."""
     kind, _ = registry.split_device(device)
     return device if kind == "cpu" or ":" in device else f"{kind}:{rank}"
 
 
 def run_data_parallel(cell: Cell, python: str, timeout: float) -> tuple[dict, float, float, float]:
-    """Runs a data-parallel cell as ``cell.workers`` ranks; returns (row, wall, load before, after)."""
-    from .distributed import HOST, Rendezvous, describe_exit, free_ports, launch, write_json
+    """Runs a data-parallel cell: its ranks on this host (all ``cell.workers``, or this host's
+    share of a group across ``cell.hosts``); returns (row, wall, load before, after)."""
+    from .distributed import Rendezvous, describe_exit, group_of, launch, write_json
 
     info = registry.get(cell.backend)
     dp = info.data_parallel
@@ -164,35 +165,39 @@ def run_data_parallel(cell: Cell, python: str, timeout: float) -> tuple[dict, fl
         return ({"status": "unsupported", "error": f"backend {info.name}: no data-parallel training"
                  + (f" ({why})" if why else "")}, 0.0, load, load)
     env = child_environment(cell)
-    ports = free_ports(dp.ports)
+    group = group_of(cell.workers, dp.ports, cell.hosts, cell.node_rank, cell.rendezvous_port)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="samenet-dp-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "cell.json").write_text(json.dumps(cell.to_dict()))
         ranks = []
-        for r in range(cell.workers):
-            rdv = Rendezvous(r, cell.workers, ports=ports, device=rank_device(cell.device, r))
-            write_json(tmp_path / f"rdv{r}.json", rdv.to_dict())
-            ranks.append((["-m", "harness.cell", "cell.json", f"row{r}.json", "--rank", f"rdv{r}.json"],
+        for local, r in enumerate(group.ranks):
+            host = group.addresses[r] if group.addresses else HOST
+            rdv = Rendezvous(r, cell.workers, host=host, ports=group.ports, device=rank_device(cell.device, local),
+                             addresses=group.addresses, local_rank=local)
+            write_json(tmp_path / f"rdv{local}.json", rdv.to_dict())
+            ranks.append((["-m", "harness.cell", "cell.json", f"row{local}.json", "--rank", f"rdv{local}.json"],
                           info.dp_env(rdv)))
-        helpers = info.dp_helpers(cell.workers, HOST, ports)
+        coordinator = group.addresses[0] if group.addresses else HOST
+        helpers = info.dp_helpers(cell.workers, coordinator, group.ports) if group.helpers_here else []
 
-        def read(r: int) -> dict | None:
-            path = tmp_path / f"row{r}.json"
+        def read(local: int) -> dict | None:
+            path = tmp_path / f"row{local}.json"
             return json.loads(path.read_text()) if path.exists() else None
 
-        def failed(r: int, code: int):
-            row = read(r)
+        def failed(local: int, code: int):
+            row = read(local)
             if row is not None and row.get("status") != "ok":
-                return f"{row.get('status')}: {row.get('error', '')}", reported_at(tmp_path / f"row{r}.json")
+                return f"{row.get('status')}: {row.get('error', '')}", reported_at(tmp_path / f"row{local}.json")
             if row is None or code:
                 return f"{describe_exit(code)} without a result" if row is None else describe_exit(code)
             return None
 
-        result = launch(python, ranks, helpers, env, tmp_path, timeout, failed)
-        rows = [read(r) for r in range(cell.workers)]
+        result = launch(python, ranks, helpers, env, tmp_path, timeout, failed, first_rank=group.ranks[0],
+                        loopback=group.loopback)
+        rows = [read(local) for local in range(len(group.ranks))]
     load_after = os.getloadavg()[0]
-    return merge_rank_rows(cell, info, rows, result), result.wall_s, load_before, load_after
+    return merge_rank_rows(cell, info, rows, result, group.ranks[0]), result.wall_s, load_before, load_after
 
 
 def reported_at(path: Path) -> float:
@@ -200,12 +205,14 @@ def reported_at(path: Path) -> float:
     return time.monotonic() - (time.time() - path.stat().st_mtime)
 
 
-def merge_rank_rows(cell: Cell, info, rows: list[dict | None], result) -> dict:
-    """One row of a data-parallel cell from its ranks' rows.
+def merge_rank_rows(cell: Cell, info, rows: list[dict | None], result, first_rank: int = 0) -> dict:
+    """One row of a data-parallel cell from the rows of the ranks this host ran.
 
     The step time of step k is the slowest rank's; global throughput counts every rank's
     samples over the window from the first rank's first timed start to the last rank's last
-    end. A failure is the first failing rank's, with its error and log.
+    end. A failure is the first failing rank's, with its error and log. Across hosts, each
+    host's launcher makes its own row from its own ranks (``first_rank`` the first of them):
+    every timed step ends in a barrier of the whole group, so the window is the group's.
     """
     from . import measure as m
 
@@ -214,9 +221,12 @@ def merge_rank_rows(cell: Cell, info, rows: list[dict | None], result) -> dict:
               "global_batch": cell.global_batch, "dp_engine": dp.engine, "launcher": dp.launcher,
               "transport": dp.transports.get(registry.split_device(cell.device)[0]), "dp_bn": dp.bn,
               "rank_pids": [r.get("pid") if r else None for r in rows]}
+    if cell.hosts:
+        common.update(nodes=len(cell.hosts), node_rank=cell.node_rank,
+                      local_ranks=list(range(first_rank, first_rank + len(rows))))
     if result.failure is not None:
         role, reason = result.failure
-        index = int(role.split()[1]) if role.startswith("rank ") else None
+        index = int(role.split()[1]) - first_rank if role.startswith("rank ") else None
         own = rows[index] if index is not None else None
         status = "timeout" if result.timed_out else (own or {}).get("status", "crash")
         outcome = next((o for o in result.ranks + result.helpers if o.role == role), None)

@@ -30,8 +30,8 @@ class KerasJaxInfo(KerasInfo):
     def dp_env(self, rendezvous) -> dict[str, str]:
         """The rank, for configure (it pins rank r to its own CPUs, and must not start the JAX
         client before jax.distributed.initialize); JAX's own coordinator variable."""
-        return {"SAMENET_JAX_PROCESS_ID": str(rendezvous.rank),
-                "JAX_COORDINATOR_ADDRESS": f"{rendezvous.host}:{rendezvous.ports[0]}"}
+        return {"SAMENET_JAX_LOCAL_RANK": str(rendezvous.local),
+                "JAX_COORDINATOR_ADDRESS": f"{rendezvous.coordinator}:{rendezvous.ports[0]}"}
 
 
 INFO = KerasJaxInfo()

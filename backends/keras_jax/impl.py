@@ -55,8 +55,9 @@ from harness.errors import UnsupportedError  # noqa: E402
 from harness.graph import as_output_list  # noqa: E402
 
 MB = 1024 * 1024
-DP_RANK_ENV = "SAMENET_JAX_PROCESS_ID"
-"""Set by KerasJaxInfo.dp_env in a data-parallel rank (read by configure, before JAX starts)."""
+DP_RANK_ENV = "SAMENET_JAX_LOCAL_RANK"
+"""A data-parallel rank's index on its host, set by KerasJaxInfo.dp_env (read by configure,
+before JAX starts, to pin the rank to its own CPUs)."""
 
 
 def _cross_entropy(logits, y):
@@ -320,7 +321,7 @@ class KerasJaxBackend(GenericKerasBackend):
         if kind != "cpu":
             # CUDA: one GPU per rank would need local_device_ids; written only for the CPU.
             raise UnsupportedError("keras-jax backend: data parallel is built for the CPU only")
-        address = f"{rendezvous.host}:{rendezvous.ports[0]}"
+        address = f"{rendezvous.coordinator}:{rendezvous.ports[0]}"
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=address, num_processes=rendezvous.world,
                                    process_id=rendezvous.rank, coordinator_bind_address=address,

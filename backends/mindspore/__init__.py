@@ -75,7 +75,7 @@ class MindSporeInfo(BackendInfo):
 
     def dp_env(self, rendezvous) -> dict[str, str]:
         """What msrun sets for a worker (read by mindspore.communication.init)."""
-        return self._cluster_env("MS_WORKER", rendezvous.world, rendezvous.host, rendezvous.ports) | {
+        return self._cluster_env("MS_WORKER", rendezvous.world, rendezvous.coordinator, rendezvous.ports) | {
             "MS_NODE_ID": str(rendezvous.rank)}
 
     def dp_helpers(self, world: int, host: str, ports) -> list:

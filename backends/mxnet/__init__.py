@@ -6,7 +6,7 @@ docs/backends/mxnet.md has the design notes.
 """
 
 from harness.backend import BackendInfo, Capabilities, DataParallel
-from harness.distributed import Helper
+from harness.distributed import Helper, is_loopback
 
 _PS_HELPER = """
 import sys, time
@@ -54,16 +54,19 @@ class MXNetInfo(BackendInfo):
     states updated in each worker's backward and never pushed: ``local``."""
 
     @staticmethod
-    def _ps_env(role: str, world: int, host: str, ports) -> dict[str, str]:
-        return {"DMLC_ROLE": role, "DMLC_PS_ROOT_URI": host, "DMLC_PS_ROOT_PORT": str(ports[0]),
-                "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": str(world), "DMLC_NODE_HOST": host,
-                "DMLC_INTERFACE": "lo"}
+    def _ps_env(role: str, world: int, scheduler: str, ports, own: str) -> dict[str, str]:
+        env = {"DMLC_ROLE": role, "DMLC_PS_ROOT_URI": scheduler, "DMLC_PS_ROOT_PORT": str(ports[0]),
+               "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": str(world), "DMLC_NODE_HOST": own}
+        if is_loopback(own) and is_loopback(scheduler):
+            env["DMLC_INTERFACE"] = "lo"
+        return env
 
     def dp_env(self, rendezvous) -> dict[str, str]:
-        return self._ps_env("worker", rendezvous.world, rendezvous.host, rendezvous.ports)
+        return self._ps_env("worker", rendezvous.world, rendezvous.coordinator, rendezvous.ports, rendezvous.host)
 
     def dp_helpers(self, world: int, host: str, ports) -> list:
-        return [Helper(role, ["-c", _PS_HELPER], self._ps_env(role.split()[0], world, host, ports))
+        """The scheduler and the one server, on rank 0's host (``host``)."""
+        return [Helper(role, ["-c", _PS_HELPER], self._ps_env(role.split()[0], world, host, ports, host))
                 for role in ("scheduler", "server 0")]
 
     def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:

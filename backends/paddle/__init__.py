@@ -40,18 +40,20 @@ class PaddleInfo(BackendInfo):
     def dp_env(self, rendezvous) -> dict[str, str]:
         """What paddle.distributed.launch sets per rank (read by init_parallel_env and
         ParallelEnv); the gloo pairs bind to the loopback interface."""
-        host, port = rendezvous.host, rendezvous.ports[0]
+        master, port = rendezvous.coordinator, rendezvous.ports[0]
         # ParallelEnv needs one endpoint per rank; with the process-group path only the
         # store (PADDLE_MASTER, rank 0) listens on a fixed port, the others are labels.
-        endpoints = [f"{host}:{port + r}" for r in range(rendezvous.world)]
+        endpoints = [f"{rendezvous.address(r)}:{port + r}" for r in range(rendezvous.world)]
         kind = rendezvous.device.split(":")[0]
         env = {"PADDLE_TRAINER_ID": str(rendezvous.rank), "PADDLE_TRAINERS_NUM": str(rendezvous.world),
                "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints), "PADDLE_CURRENT_ENDPOINT": endpoints[rendezvous.rank],
-               "PADDLE_MASTER": f"{host}:{port}", "MASTER_ADDR": host, "MASTER_PORT": str(port),
+               "PADDLE_MASTER": f"{master}:{port}", "MASTER_ADDR": master, "MASTER_PORT": str(port),
                "PADDLE_DISTRI_BACKEND": "nccl" if kind == "cuda" else "gloo",
-               "GLOO_SOCKET_IFNAME": "lo", "PADDLE_LOCAL_RANK": str(rendezvous.rank)}
+               "PADDLE_LOCAL_RANK": str(rendezvous.local)}
+        if rendezvous.loopback:
+            env["GLOO_SOCKET_IFNAME"] = "lo"
         if kind == "cuda":
-            env["FLAGS_selected_gpus"] = str(rendezvous.rank)
+            env["FLAGS_selected_gpus"] = str(rendezvous.local)
         return env
 
     def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:

@@ -44,12 +44,12 @@ class TFInfo(BackendInfo):
         world, ports = rendezvous.world, rendezvous.ports
         if world > len(ports):
             raise UsageError(f"tf backend: data parallel over at most {len(ports)} workers (asked {world})")
-        tf_config = {"cluster": {"worker": [f"{rendezvous.host}:{p}" for p in ports[:world]]},
+        tf_config = {"cluster": {"worker": [f"{rendezvous.address(r)}:{ports[r]}" for r in range(world)]},
                      "task": {"type": "worker", "index": rendezvous.rank}}
         env = {"TF_CONFIG": json.dumps(tf_config)}
         kind, _, index = rendezvous.device.partition(":")
         if kind in ("cuda", "gpu"):
-            env["CUDA_VISIBLE_DEVICES"] = index or str(rendezvous.rank)
+            env["CUDA_VISIBLE_DEVICES"] = index or str(rendezvous.local)
         return env
 
     def env_vars(self, threads: int, tuned: bool) -> dict[str, str]:

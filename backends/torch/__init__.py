@@ -28,8 +28,9 @@ class TorchInfo(BackendInfo):
                                  bn="broadcast", ports=1)
 
     def dp_env(self, rendezvous) -> dict[str, str]:
-        # Gloo binds to the interface its host name resolves to unless told: loopback only.
-        return {"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
+        # Gloo binds to the interface its host name resolves to unless told: loopback only on
+        # one host; across hosts, the interface of the host's name (or the user's GLOO_SOCKET_IFNAME).
+        return {"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"} if rendezvous.loopback else {}
 
 
 INFO = TorchInfo()

@@ -180,7 +180,7 @@ class TorchBackend(Backend):
     def init_distributed(self, rendezvous) -> dict[str, Any]:
         kind, _ = split_device(rendezvous.device)
         transport = "nccl" if kind == "cuda" else "gloo"
-        dist.init_process_group(transport, init_method=f"tcp://{rendezvous.host}:{rendezvous.ports[0]}",
+        dist.init_process_group(transport, init_method=f"tcp://{rendezvous.coordinator}:{rendezvous.ports[0]}",
                                 rank=rendezvous.rank, world_size=rendezvous.world,
                                 timeout=datetime.timedelta(seconds=600))
         self.rendezvous = rendezvous

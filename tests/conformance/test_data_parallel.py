@@ -102,3 +102,46 @@ def test_a_killed_rank_gives_one_row_and_ends_the_group(dp_info, monkeypatch):
     assert row["status"] == "crash", row
     assert row["error"].startswith("rank 1: ") and "SIGKILL" in row["error"], row["error"]
     assert not _no_children_left()
+
+
+def _free_port_range(n: int) -> int:
+    """A first port p with p..p+n-1 all free on 127.0.0.1 now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def test_two_launchers_as_two_hosts_form_the_same_group_as_one(dp_info):
+    """``--hosts`` on loopback: two launchers (node ranks 0 and 1, one rank each) must form the
+    group one launcher forms with two ranks: the same per-rank losses, to the last bit."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    cell = Cell(backend=dp_info.name, model="lenet5", mode="train", batch=4, workers=2, threads=1, warmup=1, iters=3)
+    one = run_cell(cell, sys.executable, timeout=600)
+    assert one["status"] == "ok", f"{one.get('error')}\n{one.get('log_tail', '')[-1500:]}"
+    port = _free_port_range(dp_info.data_parallel.ports)
+    nodes = [replace(cell, hosts=("127.0.0.1", "127.0.0.1"), node_rank=n, rendezvous_port=port) for n in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(lambda c: run_cell(c, sys.executable, timeout=600), nodes))
+    for r in rows:
+        assert r["status"] == "ok", f"node {r.get('node_rank')}: {r.get('error')}\n{r.get('log_tail', '')[-1500:]}"
+    assert [r["node_rank"] for r in rows] == [0, 1] and [r["local_ranks"] for r in rows] == [[0], [1]]
+    assert rows[0]["cell_key"] != rows[1]["cell_key"] and rows[0]["workers"] == 2 and rows[0]["global_batch"] == 8
+    assert [r["rank_last_loss"][0] for r in rows] == one["rank_last_loss"]
+    assert not _no_children_left()

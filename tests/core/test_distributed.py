@@ -176,3 +176,60 @@ def test_one_process_cells_keep_their_keys():
     cell = Cell(backend="torch", model="lenet5", mode="train", batch=16)
     assert "workers" not in cell.to_dict() and Cell.from_dict(cell.to_dict()) == cell
     assert Cell(backend="torch", model="lenet5", mode="train", batch=16, workers=2).key() != cell.key()
+
+
+def test_one_host_cells_keep_their_keys_and_a_group_across_hosts_is_its_own_cell():
+    from harness.cell import Cell
+
+    one = Cell(backend="torch", model="lenet5", mode="train", batch=16, workers=2)
+    assert "hosts" not in one.to_dict() and "rendezvous_port" not in one.to_dict()
+    two = [Cell(backend="torch", model="lenet5", mode="train", batch=16, workers=2, hosts=("a", "b"), node_rank=n,
+                rendezvous_port=p) for n, p in ((0, 29500), (0, 29600), (1, 29500))]
+    assert Cell.from_dict(two[0].to_dict()) == two[0]
+    assert two[0].key() != one.key(), "two hosts are another measurement"
+    assert two[0].key() == two[1].key(), "the port is where the group met, not what it measured"
+    assert two[0].key() != two[2].key(), "each host's row is its own"
+
+
+def test_a_group_across_hosts_splits_its_ranks_and_agrees_on_ports():
+    from harness.distributed import group_of
+
+    here = group_of(4, 2)
+    assert here.ranks == (0, 1, 2, 3) and not here.addresses and here.helpers_here and here.loopback
+    first, second = (group_of(4, 3, ("10.0.0.1", "10.0.0.2"), n, 29500) for n in (0, 1))
+    assert first.ranks == (0, 1) and second.ranks == (2, 3)
+    assert first.addresses == second.addresses == ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2")
+    assert first.ports == second.ports == (29500, 29501, 29502)
+    assert first.helpers_here and not second.helpers_here, "helpers start on rank 0's host only"
+    assert not first.loopback and group_of(2, 1, ("127.0.0.1", "127.0.0.1"), 1, 29500).loopback
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "mxnet", "paddle", "mindspore", "keras-jax"])
+def test_every_engine_is_told_where_the_other_hosts_are(backend):
+    """Framework-free: each backend's rank environment for rank 2 of 4 on the second of two
+    hosts names rank 0's host as the coordinator and keeps no loopback-only setting."""
+    from harness import backend as registry
+    from harness.distributed import Rendezvous
+
+    info = registry.get(backend)
+    addresses = ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2")
+    rdv = Rendezvous(2, 4, host="10.0.0.2", ports=tuple(range(29500, 29500 + info.data_parallel.ports)),
+                     addresses=addresses, local_rank=0)
+    env = info.dp_env(rdv)
+    text = " ".join(f"{k}={v}" for k, v in env.items())
+    assert "=lo" not in text and "127.0.0.1" not in text, env
+    if backend == "torch":
+        assert rdv.coordinator == "10.0.0.1" and env == {}  # init_method reads rdv.coordinator
+    else:
+        assert "10.0.0.1" in text, f"{backend}: the coordinator's address is not in {env}"
+    if backend == "tf":
+        import json
+
+        workers = json.loads(env["TF_CONFIG"])["cluster"]["worker"]
+        assert workers == ["10.0.0.1:29500", "10.0.0.1:29501", "10.0.0.2:29502", "10.0.0.2:29503"]
+    if backend == "paddle":
+        assert env["PADDLE_CURRENT_ENDPOINT"] == "10.0.0.2:29502" and env["PADDLE_LOCAL_RANK"] == "0"
+    if backend == "mxnet":
+        assert env["DMLC_PS_ROOT_URI"] == "10.0.0.1" and env["DMLC_NODE_HOST"] == "10.0.0.2"
+    one_host = info.dp_env(Rendezvous(1, 2, ports=rdv.ports[:info.data_parallel.ports]))
+    assert "10.0.0" not in " ".join(one_host.values())

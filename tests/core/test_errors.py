@@ -332,6 +332,21 @@ def test_an_initializer_argument_the_kind_ignores_is_an_error(write_spec, capsys
     (["--workers", "2", "--modes", "train", "--threads", "64"], "exceeds the core budget"),
     (["--workers", "3", "--modes", "train", "--scaling", "strong", "--batch-sizes", "16"], "does not split evenly"),
     (["--workers", "0", "--modes", "train"], "--workers: expected positive integers"),
+    (["--workers", "2", "--modes", "train", "--hosts", "127.0.0.1,127.0.0.1"], "needs --node-rank"),
+    (["--workers", "2", "--modes", "train", "--node-rank", "1"], "--node-rank: only with --hosts"),
+    (["--workers", "2", "--modes", "train", "--hosts", "a"], "two or more comma-separated addresses"),
+    (["--workers", "3", "--modes", "train", "--hosts", "a,b", "--node-rank", "0", "--rendezvous-port", "29500"],
+     "--workers 3 does not split evenly over 2 hosts"),
+    (["--workers", "1,2", "--modes", "train", "--hosts", "a,b", "--node-rank", "0", "--rendezvous-port", "29500"],
+     "--workers 1 does not split evenly"),
+    (["--workers", "2", "--modes", "train", "--hosts", "a,b", "--node-rank", "2", "--rendezvous-port", "29500"],
+     "--node-rank: must be 0..1"),
+    (["--workers", "2", "--modes", "train", "--hosts", "a,b", "--node-rank", "0", "--rendezvous-port", "80"],
+     "--rendezvous-port: must be 1024"),
+    (["--workers", "2", "--modes", "train", "--hosts", "a,b", "--node-rank", "0", "--rendezvous-port", "29500",
+      "--executor", "ray"], "--hosts: only with --executor local"),
+    (["--workers", "4", "--modes", "train", "--hosts", "a,b", "--node-rank", "0", "--rendezvous-port", "29500",
+      "--threads", "64"], "2 ranks on each of 2 hosts"),
 ])
 def test_bad_data_parallel_options_are_one_line(args, reason, tmp_path, capsys):
     rc = main(["run", "--models", "lenet5", "--results", str(tmp_path), *args])
