@@ -38,6 +38,14 @@ DP_MODELS = ("lenet5", "resnet18")
 DP_WORKERS = 2
 DP_PER_WORKER = 4  # 4 images a rank: fewer leave BN statistics of ResNet-18's 2x2 maps to noise
 DP_STEPS = 2
+DP_CONTROL_MODEL = "resnet18"
+"""The BN net of the tier's negative control (control_bn)."""
+
+
+def control_bn(bn: str) -> str:
+    """The BN semantics a backend declaring ``bn`` must NOT match (the negative control):
+    per-rank batch statistics against synchronised ones, and back."""
+    return "local" if bn == "sync" else "sync"
 
 
 @dataclass

@@ -370,14 +370,17 @@ def prepare_cases(backends: list[str], models: list[str], forward: bool, train: 
     """
     from . import backend as registry
     from .conformance import model_case, model_training_case
-    from .dp_parity import dp_case
+    from .dp_parity import DP_CONTROL_MODEL, control_bn, dp_case
 
     infos = [registry.get(b) for b in backends]
     jobs: list[tuple[str, object]] = []
     for model in models:
         if workers > 1:
-            for bn, unbiased in sorted({(i.data_parallel.bn, i.bn_variance == "unbiased") for i in infos
-                                        if i.capabilities.data_parallel and i.data_parallel is not None}):
+            declared = {(i.data_parallel.bn, i.bn_variance == "unbiased") for i in infos
+                        if i.capabilities.data_parallel and i.data_parallel is not None}
+            if model == DP_CONTROL_MODEL:  # the conformance tier's negative control reads these too
+                declared |= {(control_bn(bn), unbiased) for bn, unbiased in declared}
+            for bn, unbiased in sorted(declared):
                 jobs.append((f"dp:{model}/{bn}/{'unbiased' if unbiased else 'biased'}",
                              lambda m=model, bn=bn, u=unbiased: dp_case(m, bn, workers, bn_unbiased=u)))
             continue

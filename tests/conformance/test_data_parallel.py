@@ -19,10 +19,11 @@ import pytest
 
 from harness.cell import Cell
 from harness.distributed import FAULT_ENV
-from harness.dp_parity import DP_MODELS, case_errors, dp_case, run_case
+from harness.dp_parity import DP_CONTROL_MODEL, DP_MODELS, case_errors, control_bn, dp_case, run_case
 from harness.runner import run_cell
 
 _cases: dict = {}
+_got: dict = {}  # (backend, model) -> (case, per-rank steps) of the parity test
 
 
 @pytest.fixture
@@ -41,8 +42,28 @@ def test_two_ranks_take_the_oracles_steps(dp_info, known_gap, model):
     case = _cases[key]
     got, failure = run_case(dp_info.name, case, sys.executable, threads=1, timeout=600)
     assert not failure, f"{failure.get('error')}\n{failure.get('log_tail', '')[-1500:]}"
+    _got[(dp_info.name, model)] = (case, got)
     errors = case_errors(case, got)
     assert not errors["problems"], errors["problems"][:4]
+
+
+def test_the_other_bn_semantics_does_not_pass(dp_info, known_gap):
+    """Negative control: the BN net's ranks must miss the oracle of the other batch statistics
+    (per-rank against synchronised), else the BN check above could pass whatever the engine
+    did with the statistics (e.g. every rank taking the global batch, or no rank communicating)."""
+    import numpy as np
+
+    model = DP_CONTROL_MODEL
+    known_gap(f"dp:{model}")
+    declared = dp_info.data_parallel.bn
+    other = control_bn(declared)
+    control = dp_case(model, other, bn_unbiased=dp_info.bn_variance == "unbiased")
+    case, got = _got.get((dp_info.name, model), (None, None))
+    if case is None or not np.array_equal(case.x, control.x):  # not run above, or another batch
+        got, failure = run_case(dp_info.name, control, sys.executable, threads=1, timeout=600)
+        assert not failure, f"{failure.get('error')}\n{failure.get('log_tail', '')[-1500:]}"
+    problems = case_errors(control, got)["problems"]
+    assert problems, f"{dp_info.name} (declared bn={declared}) also matches the bn={other} oracle"
 
 
 def _no_children_left() -> list:
