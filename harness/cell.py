@@ -293,7 +293,8 @@ def main(argv: list[str]) -> int:
         rendezvous = Rendezvous.from_dict(json.loads(Path(argv[3]).read_text()))
     start = time.perf_counter()
     # The parent turns this into startup_s (from its spawn to here) and exit_s (from cell_s on).
-    row: dict = {"status": "error", "row_version": ROW_VERSION, "pid": os.getpid(), "main_entry_unix": time.time()}
+    row: dict = {"status": "error", "row_version": ROW_VERSION, "pid": os.getpid(), "main_entry_unix": time.time(),
+                 "python_version": sys.version.split()[0]}  # the cell's interpreter's, not the driver's
     try:
         measure(cell, row, rendezvous)
     except BaseException as exc:  # noqa: BLE001  (every failure becomes a row)

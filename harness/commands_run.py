@@ -640,9 +640,9 @@ def cmd_train(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="samenet-train-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
         running = []
-        for model in models:
+        for i, model in enumerate(models):
             ir = zoo.load(model, overrides=overrides or None, check=not overrides)
-            data_path = load_data(args.data, ir).save(Path(tmp) / f"{model}-data.npz")
+            data_path = load_data(args.data, ir).save(Path(tmp) / f"data-{i}.npz")  # not by name: it may be a path
             for seed in seeds:
                 for b in backends:
                     config = TrainConfig(b, model, args.data, args.epochs, args.time_budget, args.batch_size, args.lr,

@@ -17,15 +17,21 @@ def console(stderr: bool = False):
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence], right: Sequence[str] = (),
           caption: str | None = None):
-    """A rich Table; columns named in ``right`` are right-aligned."""
+    """A rich Table; columns named in ``right`` are right-aligned.
+
+    Every title, header and cell is plain text: an error message, a spec's name or a path that
+    holds ``[...]`` is shown as it is, never read as rich markup (which could fail the table).
+    """
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
+    t = Table(title=Text(title) if title else None, caption=Text(caption) if caption else None, box=box.SIMPLE_HEAD,
+              title_justify="left", caption_justify="left")
     for c in columns:
-        t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+        t.add_column(Text(c), justify="right" if c in right else "left", overflow="fold")
     for r in rows:
-        t.add_row(*[str(v) for v in r])
+        t.add_row(*[Text(str(v)) for v in r])
     return t
 
 

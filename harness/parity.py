@@ -250,7 +250,7 @@ def child(config: dict, out_dir: Path) -> int:
             row["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
             row["error_detail"] = traceback.format_exc()[-3000:]
         row["seconds"] = time.perf_counter() - start
-        (out_dir / f"{model}.json").write_text(json.dumps(row, default=float))
+        (out_dir / config["files"][model]).write_text(json.dumps(row, default=float))
     return 0
 
 
@@ -270,12 +270,15 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
     env = child_environment(Cell(backend=backend, model=models[0], mode="infer", batch=1, threads=threads))
     rows: dict[str, dict] = {}
     pending = list(models)
+    # Row files named by position: a model given as a spec path ("specs/x.json") must neither
+    # make a folder nor meet another file of that name.
+    files = {m: f"row-{i}.json" for i, m in enumerate(models)}
 
     def collect(out: Path) -> bool:
         """Moves the models whose row file the child wrote from pending to rows."""
         found = False
         for model in list(pending):
-            path = out / f"{model}.json"
+            path = out / files[model]
             if path.exists():
                 rows[model] = json.loads(path.read_text())
                 pending.remove(model)
@@ -287,7 +290,8 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
     with tempfile.TemporaryDirectory(prefix="samenet-parity-") as tmp:
         out = Path(tmp)
         while pending:
-            config = {"backend": backend, "models": pending, "forward": forward, "train": train, "threads": threads}
+            config = {"backend": backend, "models": pending, "forward": forward, "train": train, "threads": threads,
+                      "files": files}
             (out / "config.json").write_text(json.dumps(config))
             log = out / "child.log"
             with open(log, "w") as log_file:

@@ -20,7 +20,8 @@ Columns of ``load()`` (one row per cell and repeat):
   steps), ``gpu_alloc_peak_mb``, ``gpu_reserved_peak_mb``, ``gpu_nvml_mb``;
 * network: ``spec_hash``, ``macs_per_sample``, ``params_trainable``, ``params_non_trainable``;
 * environment: ``framework_version``, ``settings`` (dict), ``thread_env`` (dict),
-  ``hostname``, ``os``, ``python``, ``cpu_model``, ``cpu_logical``, ``cpu_physical``,
+  ``hostname``, ``os``, ``python`` (the version of the cell's own interpreter; None when it
+  died before saying), ``python_path`` (that interpreter), ``driver_python``, ``cpu_model``, ``cpu_logical``, ``cpu_physical``,
   ``cpu_affinity``, ``memory_gb``, ``gpu``, ``gpu_driver``, ``machine_class``,
   ``git_revision``, ``git_dirty``, ``timestamp`` (UTC ISO 8601), ``wall_s`` (the process);
 * placement (harness.executors): ``executor`` (local, ray, slurm), ``node`` (host name of the
@@ -32,12 +33,48 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 from .env import ROOT
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+STALE_TMP_S = 600.0
+"""A temporary row file older than this was left by a writer that died (a live one renames
+its file within milliseconds)."""
+_warned: set[Path] = set()
+
+
+def _warn(path: Path, why: str) -> None:
+    """One line on stderr per damaged file and process."""
+    if path not in _warned:
+        _warned.add(path)
+        print(f"warning: {path}: skipped, {why}", file=sys.stderr)
+
+
+def row_problem(row) -> str | None:
+    """Why ``row`` (a parsed row file) is not a row the readers can use, or None."""
+    if not isinstance(row, dict):
+        return f"not a row (a JSON {type(row).__name__})"
+    for key in ("backend", "model"):
+        if not isinstance(row.get(key), str):
+            return f"not a row (no '{key}')" if key not in row else f"'{key}' is not a string"
+    if "status" in row and not isinstance(row["status"], str):
+        return "'status' is not a string"
+    for key in ("batch", "threads", "workers", "repeat"):
+        if key in row and row[key] is not None and (not isinstance(row[key], int) or isinstance(row[key], bool)):
+            return f"'{key}' is not an integer ({row[key]!r:.40})"
+    if "timestamp" in row:
+        try:
+            datetime.fromisoformat(str(row["timestamp"]))
+        except ValueError:
+            return f"bad timestamp {row['timestamp']!r:.40}"
+    return None
 
 
 def default_root() -> Path:
@@ -57,7 +94,9 @@ class Store:
         row = {"kind": self.kind, **row}
         row.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         stamp = row["timestamp"].replace(":", "").replace("-", "")[:15]
-        label = "-".join(str(row.get(k, "")) for k in ("backend", "model", "mode"))
+        # Only the name's characters that are safe in a file name: a model given as a spec
+        # path ("specs/lenet5.json") must not become a folder.
+        label = _SAFE.sub("_", "-".join(str(row.get(k, "")) for k in ("backend", "model", "mode")))[:120]
         # A random suffix: a forced re-run of the same cell within the same second must not
         # overwrite the earlier row.
         name = (f"{stamp}-{label}-{str(row.get('cell_key', ''))[:10]}-r{row.get('repeat', 0)}"
@@ -69,13 +108,30 @@ class Store:
         return path
 
     def rows(self) -> Iterator[dict]:
+        """Every row of the store, oldest first; a file that is not a row is skipped with one
+        warning naming it (never an exception: one damaged file must not stop a load)."""
         if not self.dir.is_dir():
             return
         for path in sorted(self.dir.glob("*.json")):
             try:
-                yield json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a foreign or damaged file: never let it stop a load
+                row = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                _warn(path, "empty" if path.exists() and not path.stat().st_size else
+                      f"not JSON ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
+                continue
+            problem = row_problem(row)
+            if problem:
+                _warn(path, problem)
+                continue
+            yield row
+        now = datetime.now().timestamp()
+        for path in self.dir.glob(".*.tmp"):
+            try:
+                stale = now - path.stat().st_mtime > STALE_TMP_S
+            except OSError:
+                continue
+            if stale:
+                _warn(path, "a write that never finished (its process died before the rename)")
 
     def keys(self) -> set[str]:
         return set(self.statuses())

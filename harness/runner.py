@@ -93,6 +93,7 @@ def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None =
         config, out, log = Path(tmp) / "cell.json", Path(tmp) / "row.json", Path(tmp) / "log.txt"
         config.write_text(json.dumps(cell.to_dict()))
         load_before = os.getloadavg()[0]
+        oom_kills_before = oom_kills()
         spawned = time.time()
         start = time.perf_counter()
         timed_out = False
@@ -123,7 +124,14 @@ def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None =
             if timed_out:
                 row.update(status="timeout", error=f"no result within {timeout:.0f} s (killed)")
             elif code < 0 and -code == signal.SIGKILL:
-                row.update(status="oom", error="killed by SIGKILL (likely the kernel's out-of-memory killer)")
+                kills = oom_kills()
+                if kills is not None and oom_kills_before is not None and kills > oom_kills_before:
+                    row.update(status="oom", error="killed by SIGKILL: the kernel's out-of-memory killer "
+                                                   f"(its oom_kill count rose by {kills - oom_kills_before})")
+                else:  # someone's kill -9, not the kernel's OOM killer (or the kernel does not say)
+                    row.update(status="crash", error="killed by SIGKILL" + (
+                        " (not the out-of-memory killer: the kernel's oom_kill count did not change)"
+                        if kills is not None else " (whether by the out-of-memory killer is unknown here)"))
             elif any(s in lower for s in OOM_SIGNS):
                 row.update(status="oom", error=f"exit {code}: out of memory")
             elif code < 0:
@@ -135,13 +143,29 @@ def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None =
     return _finish_row(cell, python, env, row, wall, load_before, load_after, environment)
 
 
+def oom_kills() -> int | None:
+    """The kernel's count of out-of-memory kills (``/proc/vmstat`` oom_kill: the system's and
+    every memory cgroup's), or None where it does not say."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _finish_row(cell: Cell, python: str, env: dict, row: dict, wall: float, load_before: float,
                 load_after: float, environment: dict | None = None) -> dict:
     row.update(cell.to_dict() | {k: v for k, v in row.items() if k in ("input", "exec_mode", "options")})
     # The load average shows whether something else competed for the cores during the cell.
-    row.update(cell_key=cell.key(), wall_s=wall, python=python, load_avg_before=load_before,
+    row.update(cell_key=cell.key(), wall_s=wall, load_avg_before=load_before,
                load_avg_after=load_after, thread_env={k: env[k] for k in THREAD_VARS if k in env})
+    cell_python = row.pop("python_version", None)
     row.update(host_environment(environment))
+    # ``python``: the version of the interpreter that ran the cell (None if it died before
+    # saying), not the driver's that host_environment describes; ``python_path``: which one.
+    row.update(python=cell_python, python_path=python, driver_python=row["python"])
     row["machine_class"] = machine_class()
     return row
 

@@ -42,7 +42,7 @@ class Oom(_Fake):
 
 class Killed(_Fake):
     def misbehave(self):
-        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer, or a user's kill -9, does
 
 
 class Exits(_Fake):

@@ -22,7 +22,7 @@ CHILD = textwrap.dedent("""\
             os._exit(139)
         time.sleep({delay})
         json.dump({{"backend": "torch", "model": model, "status": "pass", "reason": ""}},
-                  open(os.path.join(out, model + ".json"), "w"))
+                  open(os.path.join(out, config["files"][model]), "w"))
     """)
 
 
@@ -83,7 +83,7 @@ RECORDING_CHILD = textwrap.dedent("""\
         time.sleep(0.5)
         json.dump({{"backend": config["backend"], "model": model, "status": "pass", "reason": "", "pid": os.getpid(),
                    "child_threads": config["threads"], "start": start, "end": time.time()}},
-                  open(os.path.join(out, model + ".json"), "w"))
+                  open(os.path.join(out, config["files"][model]), "w"))
     """)
 
 

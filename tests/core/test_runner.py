@@ -89,7 +89,7 @@ def test_train_cell_reports_the_loss():
 @pytest.mark.parametrize("backend, status, text", [
     ("segfault", "crash", "SIGSEGV"),
     ("oom", "oom", "MemoryError"),
-    ("killed", "oom", "SIGKILL"),
+    ("killed", "crash", "SIGKILL"),  # a kill -9, not the kernel's: its oom_kill count stays
     ("exits", "crash", "exit code 3"),
 ])
 def test_failures_become_rows(backend, status, text):
@@ -137,10 +137,9 @@ def test_the_sweeps_environment_is_captured_once(tmp_path, monkeypatch):
 def test_retry_failed_reruns_only_cells_whose_newest_row_failed(tmp_path):
     store = Store(tmp_path)
     crashed, recovered, unsupported = cell("segfault"), cell(), cell(precision="amp-bf16")
-    store.write({"cell_key": crashed.key(), "status": "crash", "timestamp": "2026-01-01T00:00:00+00:00"})
-    store.write({"cell_key": recovered.key(), "status": "timeout", "timestamp": "2026-01-01T00:00:00+00:00"})
-    store.write({"cell_key": recovered.key(), "status": "ok", "timestamp": "2026-01-02T00:00:00+00:00"})
-    store.write({"cell_key": unsupported.key(), "status": "unsupported", "timestamp": "2026-01-01T00:00:00+00:00"})
+    for c, status, day in ((crashed, "crash", 1), (recovered, "timeout", 1), (recovered, "ok", 2),
+                           (unsupported, "unsupported", 1)):
+        store.write({**c.to_dict(), "cell_key": c.key(), "status": status, "timestamp": f"2026-01-0{day}T00:00:00+00:00"})
     cells = [crashed, recovered, unsupported]
     assert sweep(cells, store, lambda b: sys.executable, timeout=120, progress=False) == []
     rows = sweep(cells, store, lambda b: sys.executable, timeout=120, progress=False, retry_failed=True)
@@ -245,3 +244,20 @@ def test_conformance_suite_accepts_an_inference_only_backend():
     assert out.returncode == 0, out.stdout[-3000:]
     assert "failed" not in summary and "xfail" not in summary and " passed" in summary and " skipped" in summary
     assert "does not declare the train capability" in out.stdout
+
+
+def test_a_sigkill_is_oom_only_when_the_kernels_oom_kill_count_rises(monkeypatch):
+    from harness import runner
+
+    counts = iter([7, 8])  # before the cell, after it: the kernel OOM-killed a process meanwhile
+    monkeypatch.setattr(runner, "oom_kills", lambda: next(counts))
+    row = run_cell(cell("killed"), sys.executable, timeout=120)
+    assert row["status"] == "oom" and "out-of-memory killer" in row["error"], row["error"]
+
+
+def test_the_kernels_oom_kill_count_is_read():
+    from pathlib import Path
+
+    from harness.runner import oom_kills
+
+    assert isinstance(oom_kills(), int) or not Path("/proc/vmstat").exists()
