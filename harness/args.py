@@ -58,6 +58,17 @@ def parse_sets(items: list[str] | None) -> dict:
     return out
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero (a timeout of 0 kills at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got '{text}'") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got '{text}'")
+    return value
+
+
 def parse_list(text: str, option: str, known: list[str] | None = None, all_value: list[str] | None = None) -> list[str]:
     """Comma-separated list with ``all``; checks against ``known`` when given."""
     items = [t.strip() for t in text.split(",") if t.strip()]

@@ -10,7 +10,7 @@ from . import backend as registry
 from . import zoo
 from .cell import MODES, Cell
 from .distributed import SCALINGS
-from .args import command, parse_list, parse_shape
+from .args import command, parse_list, parse_shape, positive_seconds
 from .display import console, table
 from .errors import UsageError
 from .results import Store, latest
@@ -82,7 +82,7 @@ def _configure(p):
     p.add_argument("--iters", type=int, help="timed steps (default 20)")
     p.add_argument("--repeats", type=int, default=1, help="processes per cell, for between-run spread (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per cell before it is killed (default 1800)")
+    p.add_argument("--timeout", type=positive_seconds, default=1800, help="seconds per cell before it is killed (default 1800)")
     p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
     p.add_argument("--store", default="bench", help="kind of rows / subfolder (default: bench)")
     p.add_argument("--force", action="store_true", help="rerun cells already in the results")
@@ -153,7 +153,8 @@ def cells_from_args(args) -> list[Cell]:
                  if v]
         if given:
             raise UsageError(f"{given[0]}: not with --preset {args.preset}, which sets its own modes and batch sizes")
-    models = parse_list(args.models or (",".join(zoo.names()) if preset else QUICK["models"]), "--models", None,
+    default_models = ",".join(zoo.names()) if preset else QUICK["models"]
+    models = parse_list(default_models if args.models is None else args.models, "--models", None,
                         zoo.names())
     for m in models:
         zoo.path_of(m)  # unknown model: one-line error now, not one failed row per cell
@@ -380,7 +381,7 @@ def _configure_parity(p):
     p.add_argument("--jobs", type=int, default=1,
                    help="parity processes at once, each with --threads / JOBS threads: parity is correctness work, "
                         "whose processes may share cores (default 1)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per model before its process is killed "
+    p.add_argument("--timeout", type=positive_seconds, default=3600, help="seconds per model before its process is killed "
                                                               "and the row is a crash (default 3600)")
     p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
     p.add_argument("--python", action="append", metavar="BACKEND=PATH", help="interpreter of a backend's env")
@@ -410,11 +411,11 @@ def cmd_parity(args) -> int:
         raise UsageError(f"--workers: must be positive, got {args.workers}")
     if args.jobs < 1:
         raise UsageError(f"--jobs: must be positive, got {args.jobs}")
-    if args.workers > 1 and not args.models:
+    if args.workers > 1 and args.models is None:
         from .dp_parity import DP_MODELS
 
         args.models = ",".join(DP_MODELS)
-    args.models = args.models or "all"
+    args.models = "all" if args.models is None else args.models
     if args.models.strip() == "quick":
         from .conformance import training_models
 
@@ -536,7 +537,7 @@ def _configure_train(p):
     p.add_argument("--device", default="cpu")
     p.add_argument("--exec-mode", default=None)
     p.add_argument("--threads", type=int)
-    p.add_argument("--timeout", type=float, default=7200, help="seconds per run before it is killed")
+    p.add_argument("--timeout", type=positive_seconds, default=7200, help="seconds per run before it is killed")
     p.add_argument("--jobs", type=int, default=1,
                    help="training runs at once, each with --threads / JOBS threads: for accuracy and loss curves; "
                         "runs side by side share the cores, so their times are not timings (rows record jobs)")

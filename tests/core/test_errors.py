@@ -364,3 +364,18 @@ def test_parity_jobs_must_be_positive(tmp_path, capsys):
     rc = main(["parity", "--jobs", "0", "--backends", "numpy", "--results", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--jobs: must be positive" in err[0], err
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["run", "--timeout", "0"], "--timeout: must be a positive number of seconds"),
+    (["run", "--timeout", "-5"], "--timeout: must be a positive number of seconds"),
+    (["parity", "--timeout", "inf", "--backends", "numpy"], "--timeout: must be a positive number of seconds"),
+    (["train", "--timeout", "soon", "--backends", "numpy"], "--timeout: expected seconds"),
+    (["run", "--models", ""], "--models: empty list"),
+    (["parity", "--models", "", "--backends", "numpy"], "--models: empty list"),
+    (["train", "--models", " , ", "--backends", "numpy"], "--models: empty list"),
+])
+def test_bad_timeouts_and_empty_model_lists_are_one_line(argv, reason, tmp_path, capsys):
+    rc = main([*argv, "--results", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and reason in err[0], err
