@@ -599,6 +599,7 @@ def cmd_train(args) -> int:
 
     from .args import parse_sets
     from .datasets import load as load_data
+    from .lifetime import die_with_parent
     from .runner import child_environment
     from .training import TrainConfig
 
@@ -628,7 +629,7 @@ def cmd_train(args) -> int:
         try:
             proc = subprocess.run([pythons[config.backend], "-m", "harness.training", str(cfg), str(data_path),
                                    str(out)], env=env, cwd=folder, capture_output=True, text=True,
-                                  timeout=args.timeout)
+                                  timeout=args.timeout, preexec_fn=die_with_parent())
             tail = (proc.stderr or "")[-2000:]
         except subprocess.TimeoutExpired:
             tail = f"timeout after {args.timeout:.0f} s"

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .lifetime import die_with_parent
+
 HOST = "127.0.0.1"
 """Every rank, server and scheduler binds here: data-parallel runs never leave the host."""
 
@@ -280,7 +282,7 @@ def launch(python: str, ranks: list[tuple[list[str], dict[str, str]]], helpers: 
         log = cwd / (role.replace(" ", "_") + ".log")
         with open(log, "wb") as f:
             p = subprocess.Popen([python, *argv], env=env | extra, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=die_with_parent())
         procs.append((Outcome(role), p, log))
 
     result = RunResult([], [])

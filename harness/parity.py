@@ -265,6 +265,7 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
     import tempfile
 
     from .cell import Cell
+    from .lifetime import die_with_parent
     from .runner import child_environment
 
     env = child_environment(Cell(backend=backend, model=models[0], mode="infer", batch=1, threads=threads))
@@ -296,7 +297,8 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
             log = out / "child.log"
             with open(log, "w") as log_file:
                 proc = subprocess.Popen([python, "-m", "harness.parity", str(out / "config.json"), str(out)], env=env,
-                                        cwd=tmp, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+                                        cwd=tmp, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=die_with_parent())
                 deadline = time.monotonic() + timeout
                 while proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.2)

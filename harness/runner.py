@@ -32,6 +32,7 @@ import numpy as np
 from .distributed import HOST, bus_bandwidth, ring_allreduce_s
 from .env import ROOT, THREAD_VARS, host_environment, machine_class, sweep_environment
 from .errors import UsageError
+from .lifetime import die_with_parent
 from .results import Store
 
 Started = Callable[[Cell], None]
@@ -101,13 +102,20 @@ def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None =
             # The cell runs in a scratch folder so frameworks that litter the working
             # directory (MindSpore's rank_0/, kernel_meta/) leave the user's folder clean.
             proc = subprocess.Popen([python, "-m", "harness.cell", str(config), str(out)], env=env, cwd=tmp,
-                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent())
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)
                 code = proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C: the cell (its own session, so not signalled) ends too
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                row = {"status": INTERRUPTED, "error": "interrupted (Ctrl-C) while running; a resumed sweep reruns it"}
+                raise CellInterrupted(_finish_row(cell, python, env, row, time.perf_counter() - start, load_before,
+                                                  os.getloadavg()[0], environment)) from None
         wall = time.perf_counter() - start
         ended = time.time()
         load_after = os.getloadavg()[0]
@@ -352,6 +360,16 @@ class _Progress:
 
 
 FAILED = frozenset({"error", "crash", "timeout", "oom"})
+INTERRUPTED = "interrupted"
+"""The status of a cell stopped by Ctrl-C: recorded, and rerun by the next sweep (not settled)."""
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a cell: carries the cell's ``interrupted`` row for the sweep to write."""
+
+    def __init__(self, row: dict):
+        super().__init__(row.get("error"))
+        self.row = row
 """Statuses a retry reruns: not ``ok``, nor ``unsupported`` (which a rerun cannot change)."""
 
 
@@ -414,9 +432,8 @@ def settled_keys(store: Store, force: bool = False, retry_failed: bool = False) 
     """Keys of the cells a sweep skips: those in the store, less failures with ``retry_failed``."""
     if force:
         return set()
-    if retry_failed:
-        return {key for key, status in store.statuses().items() if status not in FAILED}
-    return store.keys()
+    rerun = FAILED | {INTERRUPTED} if retry_failed else {INTERRUPTED}
+    return {key for key, status in store.statuses().items() if status not in rerun}
 
 
 def sweep(cells: Iterable[Cell], store: Store, python: Callable[[str], str], timeout: float, force: bool = False,
@@ -447,14 +464,20 @@ def sweep(cells: Iterable[Cell], store: Store, python: Callable[[str], str], tim
         else:
             todo.append(cell)
     rows: dict[int, dict] = {}
+    def keep(row: dict) -> None:
+        row["run_id"] = run_id
+        row.setdefault("executor", executor.name)
+        row.setdefault("node", row.get("hostname"))
+        store.write(row)
+
     try:
         for i, row in executor.map(todo, python, timeout, timing=timing, started=bar.begin):
-            row["run_id"] = run_id
-            row.setdefault("executor", executor.name)
-            row.setdefault("node", row.get("hostname"))
-            store.write(row)
+            keep(row)
             rows[i] = row
             bar.end(todo[i], row)
+    except CellInterrupted as stop:  # the cell Ctrl-C stopped is a row too; the sweep stops
+        keep(stop.row)
+        raise
     finally:
         bar.close()
     return [rows[i] for i in sorted(rows)]

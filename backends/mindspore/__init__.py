@@ -17,11 +17,13 @@ restores the GEMM kernels; a no-op on CPUs without AVX-512."""
 
 _SCHED_HELPER = """
 import subprocess, sys, time
+from harness.lifetime import die_with_parent
 # MindSpore's scheduler ends its own process (from C++) once every worker has unregistered, which
 # is a moment before the ranks exit, and a helper that ends before the ranks is a failure: so it
-# runs as a child in this session (the launcher's group kill ends both) and this process waits.
+# runs as a child in this session (the launcher's group kill ends both; a dead helper, too) and
+# this process waits.
 code = subprocess.call([sys.executable, "-c", "import mindspore as ms; ms.set_device('CPU'); "
-                        "from mindspore.communication import init; init()"])
+                        "from mindspore.communication import init; init()"], preexec_fn=die_with_parent())
 if code:
     sys.exit(code)
 while True:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from harness.cell import Cell
@@ -261,3 +262,60 @@ def test_the_kernels_oom_kill_count_is_read():
     from harness.runner import oom_kills
 
     assert isinstance(oom_kills(), int) or not Path("/proc/vmstat").exists()
+
+
+def _sweep_of_slow_cells(tmp_path, batches="1,2"):
+    """A sweep of cells of 11 one-second steps each: a cell killed at its start would live on
+    well past the tests' 5 s unless something ends it."""
+    cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
+           "--batch-sizes", batches, "--warmup", "0", "--iters", "10", "--threads", "1",
+           "--results", str(tmp_path), "--quiet"]
+    log = open(tmp_path / "sweep.log", "wb")
+    return cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _running_cells(proc) -> list:
+    """The sweep's cell processes, once one runs (psutil.Process each)."""
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        kids = [p for p in psutil.Process(proc.pid).children(recursive=True) if "harness.cell" in " ".join(p.cmdline())]
+        if kids:
+            return kids
+        time.sleep(0.1)
+    raise AssertionError("no cell process started within 60 s")
+
+
+def _rows_per_key(store) -> dict:
+    counts: dict = {}
+    for r in store.rows():
+        counts.setdefault(r["cell_key"], []).append(r["status"])
+    return counts
+
+
+def test_a_sweep_killed_by_sigkill_leaves_no_cell_running(tmp_path):
+    cmd, proc, log = _sweep_of_slow_cells(tmp_path)
+    cells = _running_cells(proc)
+    proc.kill()  # the parent alone: no finally of it runs
+    proc.wait()
+    log.close()
+    gone, alive = psutil.wait_procs(cells, timeout=5)
+    assert not alive, f"cell processes outlived their sweep by 5 s: {[p.pid for p in alive]}"
+    assert main(cmd[3:]) == 0  # the rerun completes
+    counts = _rows_per_key(Store(tmp_path))
+    assert len(counts) == 2 and all(v == ["ok"] for v in counts.values()), counts
+
+
+def test_ctrl_c_ends_the_running_cell_records_it_and_a_rerun_measures_it(tmp_path):
+    cmd, proc, log = _sweep_of_slow_cells(tmp_path)
+    cells = _running_cells(proc)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground group; the cell has its own session
+    assert proc.wait(timeout=30) == 130
+    log.close()
+    gone, alive = psutil.wait_procs(cells, timeout=5)
+    assert not alive, "the interrupted cell runs on"
+    rows = list(Store(tmp_path).rows())
+    assert [r["status"] for r in rows][-1] == "interrupted", [r["status"] for r in rows]
+    assert main(cmd[3:]) == 0
+    counts = _rows_per_key(Store(tmp_path))
+    assert len(counts) == 2 and all(v[-1] == "ok" for v in counts.values()), counts
+    assert sum(v.count("ok") for v in counts.values()) == 2, "every cell measured once"
