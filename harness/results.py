@@ -10,7 +10,8 @@ Columns of ``load()`` (one row per cell and repeat):
   ``model``, ``mode`` (train, infer), ``batch``, ``input``, ``device``, ``precision``,
   ``exec_mode``, ``options``, ``threads``, ``cpu_settings``, ``warmup``, ``iters``,
   ``repeat``, ``seed``;
-* outcome: ``status`` (ok, error, unsupported, oom, timeout, crash), ``error``;
+* outcome: ``status`` (ok, error, unsupported, oom, timeout, crash, interrupted: Ctrl-C, rerun by the
+  next sweep), ``error``;
 * timings (seconds): ``import_s``, ``build_s``, ``weights_s``, ``to_device_s``,
   ``first_step_s``, ``step_median_s``, ``step_p10_s``, ``step_p90_s``, ``step_iqr_s``,
   ``step_mean_s``, ``step_min_s``, ``step_max_s``, ``step_std_s``, ``samples_ns`` (list);
