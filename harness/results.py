@@ -35,7 +35,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +58,23 @@ def _warn(path: Path, why: str) -> None:
     if path not in _warned:
         _warned.add(path)
         print(f"warning: {path}: skipped, {why}", file=sys.stderr)
+
+
+CLAIM_TTL_S = 6 * 3600.0
+"""A claim of another host is taken over after this long (its liveness cannot be checked)."""
+
+
+def _stale(claim: dict) -> bool:
+    """The claim's process is gone (this host), or it is an unreadable or old claim of another."""
+    if claim.get("host") == socket.gethostname() and isinstance(claim.get("pid"), int):
+        try:
+            os.kill(claim["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return time.time() - float(claim.get("time") or 0) > CLAIM_TTL_S
 
 
 def row_problem(row) -> str | None:
@@ -133,6 +152,36 @@ class Store:
                 continue
             if stale:
                 _warn(path, "a write that never finished (its process died before the rename)")
+
+    def claim(self, key: str) -> bool:
+        """Takes the cell ``key`` for this process (a file created exclusively); False while
+        another live process holds it. A claim whose process is gone (same host) is taken over;
+        one of another host counts as held for CLAIM_TTL_S."""
+        folder = self.dir / ".claims"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_SAFE.sub('_', key)}.claim"
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    held = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    held = {}
+                if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
+                    return True
+                if not _stale(held):
+                    return False
+                path.unlink(missing_ok=True)  # its process died: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        (self.dir / ".claims" / f"{_SAFE.sub('_', key)}.claim").unlink(missing_ok=True)
 
     def keys(self) -> set[str]:
         return set(self.statuses())

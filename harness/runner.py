@@ -337,7 +337,7 @@ class _Progress:
         if self.live:
             self.bar.update(self.task, description=cell.label())
 
-    def end(self, cell: Cell, row: dict | None) -> None:
+    def end(self, cell: Cell, row: dict | None, why: str | None = None) -> None:
         self.done += 1
         if self.live:
             self.bar.advance(self.task)
@@ -347,7 +347,7 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         left = elapsed / self.done * (self.total - self.done)
         if row is None:
-            what = "skipped (in the results; --force reruns, --retry-failed reruns failures)"
+            what = why or "skipped (in the results; --force reruns, --retry-failed reruns failures)"
         elif row.get("status") == "ok":
             what = f"ok, {row['step_median_s'] * 1e3:.1f} ms/step"
         else:
@@ -464,22 +464,51 @@ def sweep(cells: Iterable[Cell], store: Store, python: Callable[[str], str], tim
         else:
             todo.append(cell)
     rows: dict[int, dict] = {}
+    claimed: set[str] = set()
+
     def keep(row: dict) -> None:
         row["run_id"] = run_id
         row.setdefault("executor", executor.name)
         row.setdefault("node", row.get("hostname"))
         store.write(row)
+        if row.get("cell_key") in claimed:
+            store.release(row["cell_key"])
+            claimed.discard(row["cell_key"])
 
+    def mine(batch: list[int]) -> list[int]:
+        """The cells of ``batch`` this sweep claims: another sweep on the store may hold some,
+        or have measured them since this one started."""
+        out = []
+        for i in batch:
+            key = todo[i].key()
+            if not store.claim(key):
+                bar.end(todo[i], None, "skipped (another sweep on this store is running it)")
+            elif key not in settled_keys(store, force=False, retry_failed=retry_failed) or force:
+                claimed.add(key)
+                out.append(i)
+            else:
+                store.release(key)
+                bar.end(todo[i], None, "skipped (another sweep on this store measured it meanwhile)")
+        return out
+
+    # Claims are taken just before a cell runs where the executor runs one at a time, so that
+    # two sweeps on one store split the cells; others are given all of theirs at once.
+    one_by_one = isinstance(executor, LocalExecutor) and (timing or executor.jobs == 1)
+    batches = [[i] for i in range(len(todo))] if one_by_one else [list(range(len(todo)))]
     try:
-        for i, row in executor.map(todo, python, timeout, timing=timing, started=bar.begin):
-            keep(row)
-            rows[i] = row
-            bar.end(todo[i], row)
+        for batch in batches:
+            ours = mine(batch)
+            for j, row in executor.map([todo[i] for i in ours], python, timeout, timing=timing, started=bar.begin):
+                keep(row)
+                rows[ours[j]] = row
+                bar.end(todo[ours[j]], row)
     except CellInterrupted as stop:  # the cell Ctrl-C stopped is a row too; the sweep stops
         keep(stop.row)
         raise
     finally:
         bar.close()
+        for key in claimed:
+            store.release(key)
     return [rows[i] for i in sorted(rows)]
 
 

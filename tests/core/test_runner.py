@@ -319,3 +319,38 @@ def test_ctrl_c_ends_the_running_cell_records_it_and_a_rerun_measures_it(tmp_pat
     counts = _rows_per_key(Store(tmp_path))
     assert len(counts) == 2 and all(v[-1] == "ok" for v in counts.values()), counts
     assert sum(v.count("ok") for v in counts.values()) == 2, "every cell measured once"
+
+
+def test_two_sweeps_on_one_store_split_the_cells(tmp_path):
+    cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
+           "--batch-sizes", "1,2,3,4", "--warmup", "0", "--iters", "2", "--threads", "1",
+           "--results", str(tmp_path), "--quiet"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    rows = list(Store(tmp_path).rows())
+    counts = _rows_per_key(Store(tmp_path))
+    assert len(counts) == 4 and all(v == ["ok"] for v in counts.values()), f"a cell measured twice: {counts}"
+    assert len({r["run_id"] for r in rows}) == 2, "both sweeps measured some of the cells"
+    assert not list((Store(tmp_path).dir / ".claims").iterdir()), "claims are released"
+
+
+def test_a_claim_whose_process_died_is_taken_over(tmp_path):
+    store = Store(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (store.dir / ".claims").mkdir(parents=True)
+    import socket
+
+    (store.dir / ".claims" / "k1.claim").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                                "time": time.time()}))
+    assert store.claim("k1"), "the claim of a dead process is stale"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (store.dir / ".claims" / "k2.claim").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                                    "time": time.time()}))
+        assert not store.claim("k2"), "a live process's claim holds"
+    finally:
+        other.kill()
+        other.wait()
