@@ -328,6 +328,10 @@ def baseline_path(name: str, root: Path | None = None) -> Path:
     return (root or ROOT / "results" / "baselines") / f"{name}.json"
 
 
+TEXT_FIELDS = ("kind", "key", "status", "known_gap", "framework_version", "machine_class", "spec_hash")
+"""Entry fields that are not numbers (every other field is a number or null)."""
+
+
 def read_baseline(path: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"no baseline {path} (write one from a run with: samenet check --update-baseline)")
@@ -337,6 +341,14 @@ def read_baseline(path: Path) -> dict:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), list):
         raise UsageError(f"{path}: not a samenet baseline (expected \"format\": \"{FORMAT}\" and \"entries\")")
+    for i, e in enumerate(data["entries"]):
+        where = f"{path}: $.entries[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("kind"), str) or not isinstance(e.get("key"), dict):
+            raise UsageError(f"{where}: expected an object with a \"kind\" string and a \"key\" object")
+        for name, value in e.items():
+            if name not in TEXT_FIELDS and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+                raise UsageError(f"{where}.{name}: expected a number or null, got {json.dumps(value)[:40]}")
     return data
 
 

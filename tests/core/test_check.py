@@ -165,3 +165,18 @@ def test_other_backends_of_the_baseline_are_ignored_missing_cells_reported(tmp_p
     assert check(tmp_path, base, repeats(0.010, 0.01, n=1)) == 0
     out = capsys.readouterr().out
     assert "not run: torch/lenet5" in out and "tf/" not in out
+
+
+@pytest.mark.parametrize("entry, reason", [
+    (3, "$.entries[0]: expected an object"),
+    ({"kind": "bench"}, "$.entries[0]: expected an object"),
+    ({"kind": "bench", "key": {}, "step_median_s": "fast"}, "$.entries[0].step_median_s: expected a number"),
+    ({"kind": "bench", "key": {}, "peak_rss_mb": [1]}, "$.entries[0].peak_rss_mb: expected a number"),
+])
+def test_a_malformed_baseline_entry_is_a_one_line_usage_error(entry, reason, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": FORMAT, "entries": [entry]}))
+    write(tmp_path / "r", repeats(0.010, 0.01))
+    assert main(["check", "--results", str(tmp_path / "r"), "--baseline", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and reason in err[0], err
