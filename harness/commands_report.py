@@ -159,6 +159,9 @@ def _configure_check(p):
     p.add_argument("--parity-factor", type=float, default=t.parity_factor, metavar="X",
                    help=f"growth of a parity error/tolerance ratio tolerated, factor (default {t.parity_factor:g}; "
                         f"ratios below {t.parity_floor:g} never regress)")
+    p.add_argument("--process-spread", type=float, default=t.process_spread_pct, metavar="PCT",
+                   help=f"between-process spread assumed for a side measured in one process, percent (default "
+                        f"{t.process_spread_pct:g}; measured instead with --repeats 2 or more)")
     p.add_argument("--verbose", action="store_true", help="list every comparison, not only what regressed")
 
 
@@ -173,7 +176,7 @@ def cmd_check(args) -> int:
     from .tables import select
 
     for name in ("speed_tolerance", "spread_factor", "memory_tolerance", "memory_slack", "accuracy_tolerance",
-                 "parity_factor"):
+                 "parity_factor", "process_spread"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
     kind = args.kind or ("quick" if args.quick else "bench")
@@ -192,7 +195,7 @@ def cmd_check(args) -> int:
         return 0
     baseline = read_baseline(path)
     t = Thresholds(args.speed_tolerance, args.spread_factor, args.memory_tolerance, args.memory_slack,
-                   args.accuracy_tolerance, args.parity_factor)
+                   args.accuracy_tolerance, args.parity_factor, process_spread_pct=args.process_spread)
     findings = compare(baseline["entries"], run, t)
     counts = Counter(f.verdict for f in findings)
     shown = findings if args.verbose else [f for f in findings if f.verdict in (REGRESSION, IMPROVED)]

@@ -180,3 +180,23 @@ def test_a_malformed_baseline_entry_is_a_one_line_usage_error(entry, reason, tmp
     assert main(["check", "--results", str(tmp_path / "r"), "--baseline", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and reason in err[0], err
+
+
+def test_one_process_sides_tolerate_a_process_drift_but_not_a_2x_slowdown(tmp_path, capsys, monkeypatch):
+    """The case seen: one quiet process each, 1.51 against 1.92 ms (+27 %), within-process IQR
+    small; the drift between fresh processes is larger than that IQR."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    one = lambda s: [bench_row(s, 0.02)]  # noqa: E731
+    assert check(tmp_path / "drift", one(0.00151), one(0.00192), "--verbose") == 0
+    out = capsys.readouterr().out
+    assert "one process on the baseline and run side" in out and "assumed 15%" in out
+    assert check(tmp_path / "2x", one(0.00151), one(0.00302)) == 1
+
+
+def test_measured_between_process_spread_replaces_the_assumed_one(tmp_path):
+    # Three processes a side that agree within 1 %: a 20 % slowdown is a regression.
+    tight = lambda s: [bench_row(s * f, 0.01, repeat=i) for i, f in enumerate((0.995, 1.0, 1.005))]  # noqa: E731
+    assert check(tmp_path / "tight", tight(0.010), tight(0.012)) == 1
+    # Three that scatter by 30 %: the same slowdown is within what fresh processes do.
+    loose = lambda s: [bench_row(s * f, 0.01, repeat=i) for i, f in enumerate((0.8, 1.0, 1.4))]  # noqa: E731
+    assert check(tmp_path / "loose", loose(0.010), loose(0.012)) == 0
