@@ -32,6 +32,7 @@ from .errors import UsageError
 from .init import stream
 from .ir import IR, build_ir
 from .ops import OPS
+from .results import file_safe
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -140,7 +141,7 @@ def op_case(op: str, case: dict, seed: int = 0, batch: int = 2) -> Case:
 def model_case(model: str, seed: int = 0, batch: int = 2) -> Case:
     """The model at its test input with probe weights and its reference outputs (eval)."""
     ir = zoo.load_for_test(model)
-    path = cache_dir() / "conformance" / f"{model}-{ir.fingerprint()}-s{seed}-b{batch}-{code_version()}.npz"
+    path = cache_dir() / "conformance" / f"{file_safe(model)}-{ir.fingerprint()}-s{seed}-b{batch}-{code_version()}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as f:
             weights = {k[2:]: f[k] for k in f.files if k.startswith("w:")}
@@ -508,7 +509,7 @@ def model_training_case(model: str, seed: int = 0, bn_unbiased: bool = True) -> 
     """Two oracle steps of a spec at its test input from its probe weights (cached on disk)."""
     ir = zoo.load_for_test(model)
     tag = "u" if bn_unbiased else "b"
-    path = cache_dir() / "training" / f"{model}-{ir.fingerprint()}-s{seed}-{tag}-{code_version()}.npz"
+    path = cache_dir() / "training" / f"{file_safe(model)}-{ir.fingerprint()}-s{seed}-{tag}-{code_version()}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as f:
             get = lambda prefix: {k[len(prefix):]: f[k] for k in f.files if k.startswith(prefix)}  # noqa: E731

@@ -129,10 +129,11 @@ def dp_case(model: str, bn: str, workers: int = DP_WORKERS, per_worker: int = DP
     from . import zoo
     from .backend import Optimizer
     from .conformance import cache_dir, code_version, save_arrays
+    from .results import file_safe
 
     ir = zoo.load_for_test(model)
     tag = f"{model}-{ir.fingerprint()}-{bn}-w{workers}-b{per_worker}-s{seed}-{'u' if bn_unbiased else 'b'}"
-    path = cache_dir() / "dp" / f"{tag}-{code_version()}.npz"
+    path = cache_dir() / "dp" / f"{file_safe(tag, 200)}-{code_version()}.npz"
     if path.exists():  # each backend's test env reads what the first one computed
         with np.load(path, allow_pickle=False) as f:
             get = lambda prefix: {k[len(prefix):]: f[k] for k in f.files if k.startswith(prefix)}  # noqa: E731

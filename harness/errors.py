@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: line breaks and other control characters written as escapes (a
+    name ending in a newline must not break the one-line error)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 class HarnessError(Exception):
     """Base class of the errors a user can cause; never shown with a traceback."""
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class SpecError(HarnessError):
@@ -26,7 +35,7 @@ class SpecError(HarnessError):
 
     def __str__(self) -> str:
         parts = [p for p in (self.file, self.path) if p]
-        return ": ".join([*parts, self.reason])
+        return one_line(": ".join([*parts, self.reason]))
 
     def located(self, file: str | None = None, path: str | None = None) -> "SpecError":
         """Returns a copy with the file and path filled in where still missing."""

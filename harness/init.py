@@ -180,7 +180,7 @@ def check_initializer(value: Any) -> dict:
     if not isinstance(value, dict) or "kind" not in value:
         raise SpecError(f"an initializer is a kind name or an object with 'kind', got {value!r}")
     kind = value["kind"]
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise SpecError(f"unknown initializer '{kind}' (known: {', '.join(sorted(_KINDS))})")
     defaults, _ = _KINDS[kind]
     out = {"kind": kind}
@@ -191,10 +191,10 @@ def check_initializer(value: Any) -> dict:
             raise SpecError(f"initializer {kind} has no argument '{key}' (known: {', '.join(defaults) or 'none'})")
         if key in _CHOICES:
             choices = _KIND_CHOICES.get((kind, key), _CHOICES[key])
-            if v not in choices:
+            if not isinstance(v, str) or v not in choices:
                 raise SpecError(f"initializer {kind} argument '{key}' must be one of {sorted(choices)}, got {v!r}")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise SpecError(f"initializer {kind} argument '{key}' must be a number, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SpecError(f"initializer {kind} argument '{key}' must be a finite number, got {v!r}")
         out[key] = v
     if kind.startswith("kaiming_") and "a" in out and out.get("nonlinearity", defaults["nonlinearity"]) != "leaky_relu":
         raise SpecError(f"initializer {kind} argument 'a' applies to nonlinearity leaky_relu only, "

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError
 from .init import check_initializer
 from .ops import INPUT_OP, OPS, fmt_shape, ops_with, resolve_attrs
-from .spec import Expansion, RawNode, expand
+from .spec import Expansion, RawNode, expand, limit
 
 MACS_TOLERANCE = 0.005
 
@@ -240,6 +241,7 @@ def build_ir(doc: dict, file: str, input_shape: tuple[int, ...] | None = None,
     shapes: dict[str, tuple[int, ...]] = {}
     nodes: list[Node] = []
     params: dict[str, Param] = {}
+    total = 0
     for n in raw:
         op = OPS[n.op]
         if n.op == INPUT_OP:
@@ -283,6 +285,10 @@ def build_ir(doc: dict, file: str, input_shape: tuple[int, ...] | None = None,
                 where = f"{n.where()}.init.{d.name}" if d.name in init_over else f"$.defaults.{n.op}.init.{d.name}"
                 raise SpecError(e.reason, file=file, path=where) from None
             full = f"{n.name}.{d.name}"
+            total += math.prod(d.shape)
+            if total > limit("params"):
+                raise SpecError(f"more than {limit('params'):,} parameters by {n.op} '{n.name}' (SAMENET_SPEC_PARAMS)",
+                                file=file, path=n.where())
             params[full] = Param(full, n.name, d.name, tuple(d.shape), d.trainable, init, d.fan_in, d.fan_out)
             node_params.append(full)
         shapes[n.name] = tuple(shape)

@@ -56,16 +56,18 @@ class Attr:
             ``rate`` (float in [0, 1) or null).
         default: Default value, or ``REQUIRED``.
         doc: What the attribute means.
-        minimum: Smallest allowed value for ints and pairs.
+        minimum: Smallest allowed value for ints, floats and pairs.
         choices: Allowed values for ``choice``.
+        maximum: Largest allowed value for floats.
     """
 
     name: str
     kind: str
     default: Any
     doc: str
-    minimum: int | None = None
+    minimum: int | float | None = None
     choices: tuple = ()
+    maximum: float | None = None
 
 
 def _is_int(v: Any) -> bool:
@@ -89,8 +91,12 @@ def parse_attr(attr: Attr, value: Any) -> Any:
     if k == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"expected a number, got {_type_name(value)} {value!r}")
+        if not math.isfinite(value):
+            raise SpecError(f"expected a finite number, got {value!r}")
         if attr.minimum is not None and value < attr.minimum:
             raise SpecError(f"must be >= {attr.minimum}, got {value}")
+        if attr.maximum is not None and value > attr.maximum:
+            raise SpecError(f"must be <= {attr.maximum}, got {value}")
         return float(value)
     if k == "rate":
         if value is None:
@@ -747,8 +753,9 @@ BATCHNORM = OpSchema(
     "updates running = (1 - momentum) * running + momentum * batch (unbiased variance), "
     "PyTorch's convention. Running statistics are non-trainable parameters.",
     attrs=(
-        Attr("eps", "float", 1e-5, "Added to the variance"),
-        Attr("momentum", "float", 0.1, "PyTorch-sense momentum (Keras momentum = 1 - this)"),
+        Attr("eps", "float", 1e-5, "Added to the variance", minimum=1e-12),
+        Attr("momentum", "float", 0.1, "PyTorch-sense momentum (Keras momentum = 1 - this)", minimum=0.0,
+             maximum=1.0),
         Attr("scale", "bool", True, "Learn gamma (Keras scale); affine off = scale and center false"),
         Attr("center", "bool", True, "Learn beta (Keras center)"),
         INIT_ATTR,

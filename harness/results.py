@@ -47,6 +47,13 @@ from .env import ROOT
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def file_safe(text: str, limit: int = 120) -> str:
+    """``text`` as part of a file name: only letters, digits and ``_.-`` (a model given as a spec
+    path, "specs/lenet5.json", must not become a folder, nor an absolute path a place outside)."""
+    return _SAFE.sub("_", text)[:limit]
+
 STALE_TMP_S = 600.0
 """A temporary row file older than this was left by a writer that died (a live one renames
 its file within milliseconds)."""
@@ -116,7 +123,7 @@ class Store:
         stamp = row["timestamp"].replace(":", "").replace("-", "")[:15]
         # Only the name's characters that are safe in a file name: a model given as a spec
         # path ("specs/lenet5.json") must not become a folder.
-        label = _SAFE.sub("_", "-".join(str(row.get(k, "")) for k in ("backend", "model", "mode")))[:120]
+        label = file_safe("-".join(str(row.get(k, "")) for k in ("backend", "model", "mode")))
         # A random suffix: a forced re-run of the same cell within the same second must not
         # overwrite the earlier row.
         name = (f"{stamp}-{label}-{str(row.get('cell_key', ''))[:10]}-r{row.get('repeat', 0)}"

@@ -32,7 +32,7 @@ import numpy as np
 from .distributed import HOST, bus_bandwidth, ring_allreduce_s
 from .env import ROOT, THREAD_VARS, host_environment, machine_class, sweep_environment
 from .errors import UsageError
-from .lifetime import die_with_parent
+from .lifetime import release_interrupts, start_holding_interrupts
 from .results import Store
 
 Started = Callable[[Cell], None]
@@ -101,10 +101,11 @@ def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None =
         with open(log, "wb") as logf:
             # The cell runs in a scratch folder so frameworks that litter the working
             # directory (MindSpore's rank_0/, kernel_meta/) leave the user's folder clean.
-            proc = subprocess.Popen([python, "-m", "harness.cell", str(config), str(out)], env=env, cwd=tmp,
-                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=die_with_parent())
+            proc, mask = start_holding_interrupts([python, "-m", "harness.cell", str(config), str(out)], env=env,
+                                                  cwd=tmp, stdout=logf, stderr=subprocess.STDOUT,
+                                                  start_new_session=True)
             try:
+                release_interrupts(mask)
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True

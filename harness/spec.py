@@ -37,15 +37,23 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, UsageError
 from .ops import OPS
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "specs" / "spec.schema.json"
+LIMITS = {"bytes": 4_000_000, "depth": 64, "nodes": 100_000, "params": 10_000_000_000}
+"""What a spec may be: its file's size, the nesting of its lists and objects (the zoo's deepest
+is under 20), the nodes it expands to (Inception-ResNet-v2, the largest, has under 1,000), its
+parameters (VGG-19-BN, the largest, has 144M). Each is overridden by SAMENET_SPEC_BYTES,
+SAMENET_SPEC_DEPTH, SAMENET_SPEC_NODES, SAMENET_SPEC_PARAMS."""
+
 ITEM_KEYS = ("op", "block", "repeat", "seq", "aux", "add", "concat", "mul")
 MERGES = ("add", "concat", "mul")
 
@@ -152,29 +160,120 @@ def _read_json(path: Path) -> Any:
         raise SpecError("is a directory, not a spec file", file=file) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"cannot read: {e}", file=file) from None
+    return parse_json(text, file)
+
+
+def limit(name: str) -> int:
+    """A bound on what a spec may be (LIMITS), or its SAMENET_SPEC_<NAME> override."""
+    value = os.environ.get(f"SAMENET_SPEC_{name.upper()}")
     try:
-        doc = json.loads(text)
+        return int(value) if value else LIMITS[name]
+    except ValueError:
+        raise UsageError(f"SAMENET_SPEC_{name.upper()}: expected an integer, got '{value}'") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise _BadJSON(f"duplicate key '{dup}' in an object (JSON keeps only the last; say it once)")
+    return dict(pairs)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJSON(f"number {text} is out of range (not a finite float)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 18:
+        raise _BadJSON(f"integer {text[:20]}... has {len(text.lstrip('-'))} digits (at most 18)")
+    return int(text)
+
+
+def _constant(name: str):
+    raise _BadJSON(f"{name} is not a JSON number (write a finite number)")
+
+
+class _BadJSON(ValueError):
+    pass
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of [ and { outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json(text: str, file: str) -> Any:
+    """A spec's JSON, strictly: bounded size and nesting, no duplicate keys, finite numbers only."""
+    if len(text) > limit("bytes"):
+        raise SpecError(f"{len(text)} bytes, more than a spec may hold ({limit('bytes')}; SAMENET_SPEC_BYTES)",
+                        file=file)
+    depth = _nesting(text)
+    if depth > limit("depth"):
+        raise SpecError(f"lists and objects nested {depth} deep, more than {limit('depth')} (SAMENET_SPEC_DEPTH)",
+                        file=file)
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_finite, parse_int=_bounded_int,
+                          parse_constant=_constant)
+    except _BadJSON as e:
+        raise SpecError(f"invalid JSON: {e}", file=file) from None
     except json.JSONDecodeError as e:
         raise SpecError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=file) from None
-    return doc
+    except (ValueError, RecursionError) as e:
+        raise SpecError(f"invalid JSON: {type(e).__name__}: {e}"[:300], file=file) from None
 
 
-@lru_cache(maxsize=1)
-def _validator():
+@lru_cache(maxsize=None)
+def _validator(definition: str | None = None):
     import jsonschema
 
     schema = json.loads(SCHEMA_PATH.read_text())
+    if definition is not None:  # one of the schema's definitions, for a part of a spec
+        schema = {"$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
     return jsonschema.Draft202012Validator(schema)
 
 
-def validate_document(doc: Any, file: str) -> None:
-    """Checks a parsed spec against specs/spec.schema.json."""
+def validate_document(doc: Any, file: str, definition: str | None = None, at: str = "$",
+                      chain: tuple[str, ...] = ()) -> None:
+    """Checks a parsed spec against specs/spec.schema.json.
+
+    Args:
+        definition: Check ``doc`` against this definition of the schema (``item``: an item a
+            block argument delivered) rather than as a whole spec.
+        at: The JSON path of ``doc`` in its spec, for the error.
+        chain: The block calls that led there, for the error.
+    """
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+    try:
+        error = jsonschema.exceptions.best_match(_validator(definition).iter_errors(doc))
+    except RecursionError:
+        raise SpecError("nested too deep to check", file=file) from None
     if error is None:
         return
-    where = error.json_path
+    where = at + error.json_path[1:]
+    if chain:
+        where += f" (via {' > '.join(chain)})"
     # Point at the item, with a message a person can act on, when no item kind matched.
     item = error.instance if isinstance(error.instance, dict) else None
     if item is not None and error.validator in ("oneOf", "additionalProperties", "required", "maxProperties") \
@@ -253,6 +352,12 @@ class Expander:
             raise self.error(f"missing block argument '{hit[0]}'", hit[1], chain)
 
     def add_node(self, node: RawNode) -> str:
+        if len(self.nodes) >= limit("nodes"):
+            raise SpecError(f"expands to more than {limit('nodes')} nodes (SAMENET_SPEC_NODES)", file=self.file,
+                            path=node.where())
+        if not isinstance(node.name, str) or not node.name or node.name != node.name.strip():
+            raise SpecError(f"a node name is a non-empty string without surrounding space, got {node.name!r}",
+                            file=self.file, path=node.where())
         if node.name in self.where:
             raise SpecError(f"duplicate node name '{node.name}' (first defined at {self.where[node.name]})",
                             file=self.file, path=node.where())
@@ -276,6 +381,7 @@ class Expander:
         return f"{scope}.{name}" if scope and name else (scope or name)
 
     def sequence(self, items, path, scope, env, inp, chain, train_only) -> str:
+        written = items
         items = substitute(items, env)
         if is_argref(items):
             raise self.error(f"missing block argument '{items[1:]}'", path, chain)
@@ -283,6 +389,8 @@ class Expander:
             raise self.error(f"expected a list of items, got {type(items).__name__}", path, chain)
         cur = inp
         for i, item in enumerate(items):
+            if is_argref(written) or is_argref(written[i]):  # an argument's items: the schema never saw them
+                validate_document(item, self.file, "item", f"{path}[{i}]", chain)
             cur = self.item(item, f"{path}[{i}]", scope, str(i), env, cur, inp, chain, train_only)
         return cur
 
@@ -302,6 +410,11 @@ class Expander:
         kind = kinds[0]
         name = substitute(item.get("name", index), env)
         self.check_bound(name, path + ".name", chain)
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)
+        if not isinstance(name, str) or name != name.strip():
+            raise self.error(f"a name is a string without surrounding space, got {name!r}",
+                             path + ".name", chain)
         if kind == "op":
             return self.op(item, path, scope, name, env, cur, seq_input, chain, train_only)
         if kind == "block":
@@ -313,7 +426,10 @@ class Expander:
         if kind == "seq":
             return self.sequence(item["seq"], path + ".seq", self.join(scope, name), env, cur, chain, train_only)
         if kind == "aux":
-            weight = item["weight"]
+            weight = substitute(item.get("weight"), env)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or weight < 0:
+                raise self.error(f"an aux weight is a finite number >= 0, got {weight!r}", path + ".weight", chain)
             out = self.sequence(item["aux"], path + ".aux", self.join(scope, name), env, cur, chain, True)
             self.aux.append((out, float(weight)))
             return cur
@@ -323,6 +439,8 @@ class Expander:
         item = substitute(item, env)
         op = item["op"]
         self.check_bound(op, path + ".op", chain)
+        if not isinstance(op, str):
+            raise self.error(f"an op is an op name (a string), got {type(op).__name__}", path + ".op", chain)
         if op not in OPS or op == "input":
             known = ", ".join(sorted(k for k in OPS if k != "input"))
             raise self.error(f"unknown op '{op}' (known: {known})", path + ".op", chain)
@@ -345,6 +463,11 @@ class Expander:
         return self.add_node(node)
 
     def call(self, block_id, args, path, scope, cur, chain, train_only) -> str:
+        if not isinstance(block_id, str):
+            raise self.error(f"a block is a block name (a string), got {type(block_id).__name__}", path + ".block",
+                             chain)
+        if not isinstance(args, dict):
+            raise self.error(f"'args' is an object, got {type(args).__name__}", path + ".args", chain)
         if block_id not in self.blocks:
             known = ", ".join(sorted(self.blocks)) or "none"
             raise self.error(f"unknown block '{block_id}' (known: {known})", path + ".block", chain)
@@ -372,6 +495,15 @@ class Expander:
         n = item["repeat"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise self.error(f"repeat count must be a positive integer, got {n!r}", path + ".repeat", chain)
+        if n > limit("nodes"):
+            raise self.error(f"repeat count {n} is more than a spec's {limit('nodes')} nodes (SAMENET_SPEC_NODES)",
+                             path + ".repeat", chain)
+        for key in ("args", "first", "each"):
+            if not isinstance(item.get(key, {}), dict):
+                raise self.error(f"'{key}' is an object, got {type(item[key]).__name__}", f"{path}.{key}", chain)
+        start = item.get("start", 0)
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise self.error(f"'start' is an integer >= 0, got {start!r}", path + ".start", chain)
         each = item.get("each", {})
         for key, values in each.items():
             if not isinstance(values, list) or len(values) != n:
@@ -394,13 +526,20 @@ class Expander:
         branches = substitute(item[kind], env)
         if is_argref(branches):
             raise self.error(f"missing block argument '{branches[1:]}'", f"{path}.{kind}", chain)
+        if not isinstance(branches, list) or not branches:
+            raise self.error(f"{kind} takes a non-empty list of branches, got {type(branches).__name__}",
+                             f"{path}.{kind}", chain)
         if kind == "mul" and len(branches) != 2:
             raise self.error(f"mul takes exactly 2 branches, got {len(branches)}", f"{path}.{kind}", chain)
         outs = []
         for b, branch in enumerate(branches):
             bpath = f"{path}.{kind}[{b}]"
             if isinstance(branch, dict) and "body" in branch:
-                bscope = self.join(scope, branch.get("name", f"{name}.{b}"))
+                bname = branch.get("name", f"{name}.{b}")
+                if not isinstance(bname, str) or bname != bname.strip():
+                    raise self.error(f"a branch name is a string without surrounding space, got {bname!r}",
+                                     bpath + ".name", chain)
+                bscope = self.join(scope, bname)
                 body, bpath = branch["body"], bpath + ".body"
             else:
                 bscope, body = self.join(scope, f"{name}.{b}"), branch

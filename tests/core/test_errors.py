@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 
@@ -379,3 +381,15 @@ def test_bad_timeouts_and_empty_model_lists_are_one_line(argv, reason, tmp_path,
     rc = main([*argv, "--results", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and reason in err[0], err
+
+
+BAD_SPECS = json.loads((Path(__file__).parent.parent / "data" / "bad_specs.json").read_text())["specs"]
+
+
+@pytest.mark.parametrize("case", BAD_SPECS, ids=[c["name"] for c in BAD_SPECS])
+def test_the_corpus_of_bad_specs_gives_one_line_each(case, tmp_path, capsys):
+    path = tmp_path / case["name"] / "tiny.json"  # the corpus's specs are all named tiny
+    path.parent.mkdir()
+    path.write_text(case["text"])
+    rc, lines = run_validate(path, capsys)
+    assert_one_line(rc, lines, path, None, case["error"])
