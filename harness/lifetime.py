@@ -17,6 +17,7 @@ import ctypes.util
 import os
 import signal
 import subprocess
+import threading
 from typing import Callable
 
 PR_SET_PDEATHSIG = 1
@@ -33,49 +34,45 @@ def _prctl():
 _PRCTL = _prctl()
 
 
-def die_with_parent(signal_mask: set | None = None) -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGKILL when this process (its parent) dies;
-    None where the platform has no such signal.
-
-    Args:
-        signal_mask: The signal mask the child is to start with, where the parent blocks
-            signals while it starts it (see held_interrupts).
-    """
-    if _PRCTL is None and signal_mask is None:
+    None where the platform has no such signal."""
+    if _PRCTL is None:
         return None
     parent = os.getpid()
 
     def preexec() -> None:
-        # Resolved before the fork: after it, only the foreign call and a few system calls run.
-        if signal_mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
-        if _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:  # the parent died before the signal was armed
-                os._exit(1)
+        # Resolved before the fork: after it, only the foreign call and two system calls run.
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
 
     return preexec
 
 
-def start_holding_interrupts(argv: list[str], **popen_kwargs) -> tuple[subprocess.Popen, set]:
-    """Starts a child with Ctrl-C held back until its Popen exists, so none is lost between.
+def start_holding_interrupts(argv: list[str], **popen_kwargs) -> tuple[subprocess.Popen, list]:
+    """Starts a child (dying with its parent) with Ctrl-C held back until its Popen exists.
 
-    Without this, a SIGINT arriving after the child's exec but before Popen returns raises
-    KeyboardInterrupt where no handler knows the child: it would run on unrecorded. The caller
-    releases the held signal with ``release_interrupts(mask)`` inside the ``try`` that handles
-    the interrupt; a Ctrl-C held meanwhile is raised there.
+    Without this, a SIGINT after the child's exec but before Popen returns raises
+    KeyboardInterrupt where no handler knows the child: it would run on, unrecorded. The caller
+    calls ``release_interrupts(held)`` first thing in the ``try`` that handles the interrupt,
+    which raises a Ctrl-C held meanwhile. Python runs signal handlers in the main thread only,
+    so a starter in another thread holds nothing back (the interrupt goes to the main thread).
 
     Returns:
-        The process and the signal mask to restore.
+        The process and the list of held interrupts.
     """
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held: list = []
+    holding = threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if holding else None
     try:
-        return subprocess.Popen(argv, preexec_fn=die_with_parent(mask), **popen_kwargs), mask
-    except BaseException:
-        release_interrupts(mask)
-        raise
+        return subprocess.Popen(argv, preexec_fn=die_with_parent(), **popen_kwargs), held
+    finally:
+        if holding:
+            signal.signal(signal.SIGINT, previous)
 
 
-def release_interrupts(mask: set) -> None:
-    """Restores the signal mask; Python raises a Ctrl-C held back meanwhile right here."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+def release_interrupts(held: list) -> None:
+    """Raises the Ctrl-C that start_holding_interrupts held back, if one came."""
+    if held:
+        raise KeyboardInterrupt

@@ -101,11 +101,11 @@ def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None =
         with open(log, "wb") as logf:
             # The cell runs in a scratch folder so frameworks that litter the working
             # directory (MindSpore's rank_0/, kernel_meta/) leave the user's folder clean.
-            proc, mask = start_holding_interrupts([python, "-m", "harness.cell", str(config), str(out)], env=env,
+            proc, held = start_holding_interrupts([python, "-m", "harness.cell", str(config), str(out)], env=env,
                                                   cwd=tmp, stdout=logf, stderr=subprocess.STDOUT,
                                                   start_new_session=True)
             try:
-                release_interrupts(mask)
+                release_interrupts(held)
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -319,6 +320,36 @@ def test_ctrl_c_ends_the_running_cell_records_it_and_a_rerun_measures_it(tmp_pat
     counts = _rows_per_key(Store(tmp_path))
     assert len(counts) == 2 and all(v[-1] == "ok" for v in counts.values()), counts
     assert sum(v.count("ok") for v in counts.values()) == 2, "every cell measured once"
+
+
+def test_a_ctrl_c_as_the_cell_starts_is_not_lost(monkeypatch):
+    """The race CI once hit: SIGINT after the cell's exec, before Popen returns."""
+    from harness.runner import CellInterrupted
+
+    real, started = subprocess.Popen, []
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        proc = real(*args, **kwargs)
+        if not started and "harness.cell" in args[0]:  # the cell only, not what the row's capture starts
+            started.append(proc)
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here unless held back
+            time.sleep(0.2)
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        run_cell(replace(cell("slow"), warmup=0, iters=10), sys.executable, timeout=120)
+    except CellInterrupted as stop:
+        assert stop.row["status"] == "interrupted"
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C came before the runner held the cell: no row")
+    else:
+        pytest.fail("the Ctrl-C was ignored")
+    finally:
+        alive = [p for p in started if p.poll() is None]
+        for p in alive:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert started and not alive, "the cell runs on"
 
 
 def test_two_sweeps_on_one_store_split_the_cells(tmp_path):
