@@ -587,8 +587,14 @@ def write_html(blocks: list, path: Path) -> Path:
     return path
 
 
-def _md_cell(v: str) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
+def _md_text(v) -> str:
+    """Text as Markdown shows it: a renderer passes HTML through, so <, > and & are escaped
+    (an error text holding "<module>" or a model named "<b>" stays text)."""
+    return html.escape(str(v), quote=False)
+
+
+def _md_cell(v) -> str:
+    return _md_text(v).replace("|", "\\|").replace("\n", " ")
 
 
 def write_markdown(blocks: list, path: Path) -> Path:
@@ -596,20 +602,20 @@ def write_markdown(blocks: list, path: Path) -> Path:
     out = []
     for b in blocks:
         if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {b.text}\n")
+            out.append(f"{'#' * b.level} {_md_text(b.text)}\n")
         elif isinstance(b, Paragraph):
-            out.append(f"{b.text}\n")
+            out.append(f"{_md_text(b.text)}\n")
         elif isinstance(b, Table):
-            out.append(f"**{b.title}**\n")
+            out.append(f"**{_md_text(b.title)}**\n")
             out.append("| " + " | ".join(_md_cell(c) for c in b.columns) + " |")
             out.append("|" + "|".join(" ---: " if c in b.right else " --- " for c in b.columns) + "|")
             out += ["| " + " | ".join(_md_cell(v) for v in r) + " |" for r in b.rows]
             out.append("")
             if b.caption:
-                out.append(f"_{b.caption}_\n")
+                out.append(f"_{_md_text(b.caption)}_\n")
         elif isinstance(b, Figure):
             (path.parent / b.name).write_bytes(b.png)
-            out.append(f"![{b.alt}]({b.name})\n" + (f"\n_{b.caption}_\n" if b.caption else ""))
+            out.append(f"![{_md_text(b.alt)}]({b.name})\n" + (f"\n_{_md_text(b.caption)}_\n" if b.caption else ""))
     path.write_text("\n".join(out), encoding="utf-8")
     return path
 

@@ -57,7 +57,7 @@ def test_truncated_normal_bounds():
 @pytest.mark.parametrize("bad, reason", [
     ("xavier_magic", "unknown initializer"),
     ({"kind": "normal"}, "needs argument 'std'"),
-    ({"kind": "normal", "std": "big"}, "must be a number"),
+    ({"kind": "normal", "std": "big"}, "must be a finite number"),
     ({"kind": "kaiming_normal", "mode": "sideways"}, "must be one of"),
     ({"kind": "zeros", "value": 1}, "has no argument 'value'"),
     (3, "an initializer is a kind name"),

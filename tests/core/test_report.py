@@ -211,3 +211,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     pixels = imread(str(shot))[..., :3]
     assert pixels.std() > 0.05  # not a blank page: text, tables and plots on white
     assert (pixels < 0.5).mean() > 0.001
+
+
+def test_markdown_escapes_html_as_the_page_does(tmp_path):
+    blocks = [report.Heading("<i>models</i>"), report.Paragraph("error: <module> & <script>alert(1)</script>"),
+              report.Table("<b>t</b>", ["model"], [["<img src=x>|y"]], caption="a < b")]
+    md = report.write_markdown(blocks, tmp_path / "report.md").read_text()
+    page = report.write_html(blocks, tmp_path / "report.html").read_text()
+    for text in (md, page):
+        assert "<script>" not in text and "<img" not in text and "<i>" not in text and "<b>" not in text, text
+    assert "&lt;module&gt; &amp; &lt;script&gt;" in md and "&lt;img src=x&gt;\\|y" in md
