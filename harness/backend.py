@@ -132,6 +132,10 @@ class DataParallel:
         launcher: How the ranks meet, for the row.
         bn: BatchNorm semantics of its default data-parallel build (a key of DP_BN_SEMANTICS).
         ports: Free ports on 127.0.0.1 it needs (passed in ``Rendezvous.ports``).
+        rank_exit: How a rank's process ends once its row is written and its group left:
+            ``normal`` (the interpreter's exit: engines that leave their group there, ps-lite)
+            or ``immediate`` (``os._exit``, as a single cell ends: no teardown to race with
+            the engine's threads).
     """
 
     engine: str
@@ -139,6 +143,11 @@ class DataParallel:
     launcher: str
     bn: str = "local"
     ports: int = 1
+    rank_exit: str = "normal"
+
+    def __post_init__(self):
+        if self.rank_exit not in ("normal", "immediate"):
+            raise ValueError(f"DataParallel.rank_exit must be 'normal' or 'immediate', not {self.rank_exit!r}")
 
 
 class BackendInfo:

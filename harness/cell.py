@@ -310,9 +310,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _rank_exits_normally(argv: list[str]) -> bool:
+    """True for a data-parallel rank whose backend leaves its group in the interpreter's exit."""
+    if "--rank" not in argv:
+        return False
+    from .backend import get
+
+    try:
+        dp = get(json.loads(Path(argv[0]).read_text())["backend"]).data_parallel
+    except Exception:  # noqa: BLE001  (a rank that could not even read its cell: the safe, normal exit)
+        return True
+    return dp is None or dp.rank_exit == "normal"
+
+
 if __name__ == "__main__":
     code = main(sys.argv[1:])
-    if "--rank" in sys.argv:  # a data-parallel rank leaves its engine's group in the normal exit
+    if _rank_exits_normally(sys.argv[1:]):
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()

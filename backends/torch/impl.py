@@ -24,6 +24,7 @@ Conventions handled here (see harness/ops.py for the canonical ones):
 from __future__ import annotations
 
 import datetime
+import inspect
 from typing import Any
 
 import numpy as np
@@ -173,7 +174,11 @@ class TorchBackend(Backend):
                 raise UnsupportedError("torch backend: SyncBatchNorm runs on CUDA only (dp_bn=sync)")
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.module, device_ids=ids, broadcast_buffers=True)
+        ddp = nn.parallel.DistributedDataParallel
+        # torch 2.13 deprecates broadcast_buffers (a warning in every rank's log); older torch lacks the new name.
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                else "broadcast_buffers")
+        return ddp(self.module, device_ids=ids, **{sync: True})
 
     # data parallel -------------------------------------------------------------
 

@@ -64,21 +64,23 @@ def timed(backend, run_step, read_loss: bool = False) -> float:
     return time.perf_counter() - t
 
 
-def fastest_in_turn(first, second, samples: int = 5, until=None, rounds: int = 4) -> tuple[float, float, int]:
+def fastest_in_turn(first, second, samples: int = 5, until=None, budget_s: float = 90.0) -> tuple[float, float, int]:
     """Fastest of ``samples`` timings of each callable, taken in turn: a busy spell slows both.
 
-    With ``until(a, b)``, more rounds of ``samples`` follow while it is false (at most
-    ``rounds`` in all): on a machine busy with other work one round's fastest samples can
-    still be skewed. More samples cannot turn a missing sync's ratio of about 1 into one that
-    passes. Returns the two fastest times and how many samples each took.
+    With ``until(a, b)``, more rounds of ``samples`` follow while it is false, for at most
+    ``budget_s`` seconds: on a machine busy with other work, threads that wait for each other
+    at every op (2 threads on 2 cores beside another test process: about 10 ms an op, for
+    seconds at a time) add the same to both, and one round's fastest samples can be skewed.
+    More samples cannot turn a missing sync's ratio of about 1 into one that passes. Returns
+    the two fastest times and how many samples each took.
     """
     times = []
-    for _ in range(rounds):
+    start = time.perf_counter()
+    while True:
         times += [(first(), second()) for _ in range(samples)]
         a, b = min(a for a, _ in times), min(b for _, b in times)
-        if until is None or until(a, b):
-            break
-    return a, b, len(times)
+        if until is None or until(a, b) or time.perf_counter() - start > budget_s:
+            return a, b, len(times)
 
 
 def test_timed_step_includes_the_computation(new_backend, requires):

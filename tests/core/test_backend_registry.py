@@ -125,6 +125,13 @@ def test_capabilities_are_declared_in_known_terms(name):
         assert set(dp.transports) <= set(caps.devices) and "cpu" in dp.transports
 
 
+def test_a_data_parallel_declaration_with_an_unknown_rank_exit_is_refused():
+    dp = dict(engine="e", transports={"cpu": "t"}, launcher="l")
+    assert registry.DataParallel(**dp, rank_exit="immediate").rank_exit == "immediate"
+    with pytest.raises(ValueError, match="rank_exit"):
+        registry.DataParallel(**dp, rank_exit="soon")
+
+
 def test_undeclared_precision_and_device_are_unsupported():
     from harness.backend import BuildConfig
     from harness.errors import UnsupportedError
