@@ -7,7 +7,8 @@ imported here only, never in the cell process).
 Columns of ``load()`` (one row per cell and repeat):
 
 * configuration: ``kind`` (bench, parity, train), ``run_id``, ``cell_key``, ``backend``,
-  ``model``, ``mode`` (train, infer), ``batch``, ``input``, ``device``, ``precision``,
+  ``model``, ``mode`` (train, infer), ``batch``, ``input`` (``"3x224x224"``, a failed cell's
+  too: as asked, or its spec's default), ``device``, ``precision``,
   ``exec_mode``, ``options``, ``threads``, ``cpu_settings``, ``warmup``, ``iters``,
   ``repeat``, ``seed``;
 * outcome: ``status`` (ok, error, unsupported, oom, timeout, crash, interrupted: Ctrl-C, rerun by the

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import backend as registry
+from . import zoo
 from .cell import Cell
 import numpy as np
 
@@ -167,6 +168,8 @@ def oom_kills() -> int | None:
 def _finish_row(cell: Cell, python: str, env: dict, row: dict, wall: float, load_before: float,
                 load_after: float, environment: dict | None = None) -> dict:
     row.update(cell.to_dict() | {k: v for k, v in row.items() if k in ("input", "exec_mode", "options")})
+    # ``input`` in one form, a failed cell's (as asked, or the spec's default) as an ok cell's.
+    row["input"] = zoo.input_text(cell.model, row["input"])
     # The load average shows whether something else competed for the cores during the cell.
     row.update(cell_key=cell.key(), wall_s=wall, load_avg_before=load_before,
                load_avg_after=load_after, thread_env={k: env[k] for k in THREAD_VARS if k in env})

@@ -144,14 +144,10 @@ def _ratio_text(metric: Metric, r: float) -> str:
     return f"{r:.2f}x"
 
 
-@lru_cache(maxsize=None)
-def _default_input(model: str) -> str | None:
+def _input_text(model, shape) -> str | None:
     from . import zoo
 
-    try:
-        return "x".join(map(str, zoo.load(model).input_shape))
-    except Exception:  # noqa: BLE001  (a row of a spec since removed or broken: leave it unknown)
-        return None
+    return zoo.input_text(str(model), shape)
 
 
 @lru_cache(maxsize=None)
@@ -174,8 +170,7 @@ def fill_defaults(df):
     """
     df = df.copy()
     if "input" in df and "model" in df:
-        df["input"] = [("x".join(map(str, v)) if isinstance(v, (list, tuple)) else
-                        _default_input(m) if v is None or v != v else v) for v, m in zip(df["input"], df["model"])]
+        df["input"] = [_input_text(m, v) for v, m in zip(df["input"], df["model"])]
     if "backend" in df and ("exec_mode" in df or "options" in df):
         modes, opts = [], []
         for i, b in enumerate(df["backend"]):

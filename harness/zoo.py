@@ -91,6 +91,19 @@ def load(model: str, input_shape: tuple[int, ...] | None = None, overrides: dict
     return ir
 
 
+def input_text(model: str, shape=None) -> str | None:
+    """A row's ``input``, in its one form ``"3x224x224"``: ``shape`` (a sequence or that text),
+    or the spec's default input where it is None; None for a spec that cannot be read."""
+    if isinstance(shape, str):
+        return shape
+    if shape is None or shape != shape:  # None, or NaN from a table's missing value
+        try:
+            shape = document(model)[0]["input"]
+        except Exception:  # noqa: BLE001  (a row of a spec since removed or broken: leave it unknown)
+            return None
+    return "x".join(str(int(d)) for d in shape)
+
+
 def test_input(model: str) -> tuple[int, ...]:
     """The reduced input for tests, or the default input if the spec has none."""
     doc, _ = document(model)

@@ -101,6 +101,16 @@ def test_failures_become_rows(backend, status, text):
     assert row["import_s"] is not None if status == "oom" and backend == "oom" else True
 
 
+def test_every_row_states_its_input_in_one_form():
+    from dataclasses import replace
+
+    default, asked = run_cell(cell("segfault"), sys.executable, timeout=120), run_cell(
+        replace(cell("segfault"), input=(1, 28, 28)), sys.executable, timeout=120)
+    ok = run_cell(cell(), sys.executable, timeout=120)
+    assert (default["status"], asked["status"], ok["status"]) == ("crash", "crash", "ok")
+    assert default["input"] == ok["input"] == "1x32x32" and asked["input"] == "1x28x28"
+
+
 def test_timeout_kills_the_cell():
     start = time.perf_counter()
     row = run_cell(cell("hang"), sys.executable, timeout=5)
