@@ -9,10 +9,20 @@ from .errors import UsageError
 
 
 def _add_selection(p, kind_help: str):
+    """The options every reading command selects its rows by (table, report, check alike)."""
     p.add_argument("--results", help="results folder (default: $SAMENET_RESULTS or results/)")
     p.add_argument("--kind", default=None, help=kind_help)
+    p.add_argument("--quick", action="store_true",
+                   help="the rows of 'run --quick' (store 'quick'), what the tox envs measure")
     p.add_argument("--models", help="comma-separated models (default: all in the results)")
     p.add_argument("--backends", help="comma-separated backends (default: all in the results)")
+
+
+def selected_kind(args) -> str:
+    """The store of the timing rows: ``--kind``, else quick with ``--quick``, else bench."""
+    if args.kind and args.quick and args.kind != "quick":
+        raise UsageError(f"--quick reads the quick store, --kind asks for {args.kind!r}: give one of them")
+    return args.kind or ("quick" if args.quick else "bench")
 
 
 def _list(text: str | None, option: str) -> list[str] | None:
@@ -48,8 +58,6 @@ def _configure_table(p):
     from .tables import DEFAULT_METRICS, METRICS
 
     _add_selection(p, "store of the timing rows (default: bench; quick with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="the cells of 'run --quick' on this machine, every backend in the quick store")
     p.add_argument("--this-machine", action="store_true", help="only rows measured on this machine class")
     p.add_argument("--baseline", default="auto",
                    help="backend the ratios refer to: a backend name, auto (torch when present) or none")
@@ -63,7 +71,7 @@ def cmd_table(args) -> int:
     from .env import machine_class
     from .tables import DEFAULT_METRICS, METRICS, pivot, to_rich
 
-    kind = args.kind or ("quick" if args.quick else "bench")
+    kind = selected_kind(args)
     default = ("step", "throughput", "memory") if args.quick else DEFAULT_METRICS
     metrics = parse_list(args.metric, "--metric", list(METRICS)) if args.metric else list(default)
     sources = sorted({METRICS[m].source for m in metrics})
@@ -101,7 +109,8 @@ cmd_table.configure = _configure_table
 
 
 def _configure_report(p):
-    _add_selection(p, "store of the timing rows (default: bench; zoo: the rows of 'run --preset zoo')")
+    _add_selection(p, "store of the timing rows (default: bench; quick with --quick; zoo: the rows of "
+                      "'run --preset zoo')")
     p.add_argument("--out", help="folder of report.html, report.md and its PNGs (default: <results>/report)")
     p.add_argument("--baseline", default="auto", help="backend the ratios refer to (auto: torch when present; none)")
     p.add_argument("--title", default="samenet report")
@@ -113,10 +122,14 @@ def cmd_report(args) -> int:
     from .report import write
     from .results import default_root
 
+    kind = selected_kind(args)
     root = Path(args.results) if args.results else default_root()
-    frames = load_rows(root, args.kind or "bench")
+    frames = load_rows(root, kind)
+    if args.quick:
+        frames["bench"] = quick_filter(frames["bench"])
     if all(f.empty for f in frames.values()):
-        raise UsageError(f"no rows in {root} (kinds {args.kind or 'bench'}, train, parity): nothing to report")
+        raise UsageError(f"no rows in {root} (kinds {kind}, train, parity): nothing to report"
+                         + (" (measure first: samenet run --quick)" if args.quick else ""))
     out_dir = Path(args.out) if args.out else root / "report"
     html_path, md_path = write(frames, out_dir, baseline=args.baseline, models=_list(args.models, "--models"),
                                backends=_list(args.backends, "--backends"), title=args.title)
@@ -139,7 +152,6 @@ def _configure_check(p):
 
     t = Thresholds()
     _add_selection(p, "store of the timing rows (default: bench; quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="the rows of 'run --quick' (store 'quick')")
     p.add_argument("--baseline", help="baseline name in results/baselines/ or a .json path (default: the store's name)")
     p.add_argument("--update-baseline", action="store_true",
                    help="write the run's summary into the baseline instead of checking (other configurations "
@@ -179,7 +191,7 @@ def cmd_check(args) -> int:
                  "parity_factor", "process_spread"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
-    kind = args.kind or ("quick" if args.quick else "bench")
+    kind = selected_kind(args)
     root = Path(args.results) if args.results else default_root()
     models, backends = _list(args.models, "--models"), _list(args.backends, "--backends")
     frames = {k: select(v, models, backends) for k, v in load_rows(root, kind).items()}

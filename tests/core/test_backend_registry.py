@@ -175,6 +175,10 @@ def test_tox_env_installs_the_pins_and_tests_the_backend(name):
     assert info.pins, f"{name}: declares no pins"
     assert sorted(info.pins) == sorted(deps), f"{name}: tox installs {deps}, the backend declares {list(info.pins)}"
     assert f"--backend {name} " in config[f"testenv:{name}-test"]["commands"]
+    # The main job ends with a table and a report (with plots: matplotlib) of every backend measured here.
+    commands = _list(config[f"testenv:{name}"]["commands"])
+    assert commands[-2:] == ["samenet table --quick", "samenet report --quick"], commands
+    assert "report" in _list(config[f"testenv:{name}"]["extras"])
 
 
 def test_ci_matrix_lists_exactly_the_registered_backends():

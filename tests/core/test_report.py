@@ -187,6 +187,23 @@ def test_report_command_on_a_real_numpy_run(tmp_path, capsys):
     assert "nothing to report" in capsys.readouterr().err
 
 
+def test_report_table_and_check_select_the_quick_rows_alike(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    results = str(tmp_path / "results")
+    assert main(["run", "--backends", "numpy", "--models", "lenet5", "--modes", "infer", "--batch-sizes", "16",
+                 "--warmup", "0", "--iters", "2", "--results", results, "--store", "quick", "--quiet"]) == 0
+    assert main(["report", "--results", results]) == 2  # the bench store: empty
+    assert main(["report", "--quick", "--results", results, "--out", str(tmp_path / "r")]) == 0
+    assert "numpy" in (tmp_path / "r" / "report.html").read_text()
+    assert main(["table", "--quick", "--results", results]) == 0
+    assert main(["check", "--quick", "--results", results, "--update-baseline",
+                 "--baseline", str(tmp_path / "quick.json")]) == 0
+    capsys.readouterr()
+    for command in ("report", "table", "check"):
+        assert main([command, "--quick", "--kind", "zoo", "--results", results]) == 2
+        assert "--quick reads the quick store" in capsys.readouterr().err
+
+
 def _chromium() -> str | None:
     """Debian's chromium (.ci/run installs it where it can), or the Chrome of GitHub's runners."""
     names = ("chromium", "chromium-headless-shell", "google-chrome")
