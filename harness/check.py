@@ -353,12 +353,11 @@ def compare(baseline: list[dict], run: list[dict], t: Thresholds | None = None) 
 
 
 def baseline_path(name: str, root: Path | None = None) -> Path:
-    """``results/baselines/<name>.json``, or ``name`` itself when it is a path to a .json file."""
-    from .env import ROOT
-
+    """``results/baselines/<name>.json`` of the current folder (where a project commits its
+    baselines), or ``name`` itself when it is a path to a .json file."""
     if name.endswith(".json") or "/" in name:
         return Path(name)
-    return (root or ROOT / "results" / "baselines") / f"{name}.json"
+    return (root or Path.cwd() / "results" / "baselines") / f"{name}.json"
 
 
 TEXT_FIELDS = ("kind", "key", "status", "known_gap", "framework_version", "machine_class", "spec_hash")

@@ -44,9 +44,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from .env import ROOT
-
-
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -106,7 +103,8 @@ def row_problem(row) -> str | None:
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("SAMENET_RESULTS") or ROOT / "results")
+    """``$SAMENET_RESULTS``, else ``results/`` of the current folder (never the package's own)."""
+    return Path(os.environ.get("SAMENET_RESULTS") or Path.cwd() / "results")
 
 
 class Store:

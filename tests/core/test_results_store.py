@@ -63,3 +63,15 @@ def test_markup_in_an_error_is_shown_as_it_is():
     out.print(results_table(df, "title with [/y]"))
     text = out.export_text()
     assert "[/x]" in text and "[bold]" in text and "[/y]" in text
+
+
+def test_results_and_baselines_default_to_the_current_folder(tmp_path, monkeypatch):
+    from harness.check import baseline_path
+    from harness.results import default_root
+
+    monkeypatch.delenv("SAMENET_RESULTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_root() == tmp_path / "results"
+    assert baseline_path("quick") == tmp_path / "results" / "baselines" / "quick.json"
+    monkeypatch.setenv("SAMENET_RESULTS", str(tmp_path / "elsewhere"))
+    assert default_root() == tmp_path / "elsewhere"
