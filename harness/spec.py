@@ -47,7 +47,8 @@ from typing import Any
 from .errors import SpecError, UsageError
 from .ops import OPS
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "specs" / "spec.schema.json"
+# harness/specs: in a checkout a link to specs/ (resolved: messages name specs/), in a wheel the copy.
+SCHEMA_PATH = (Path(__file__).resolve().parent / "specs" / "spec.schema.json").resolve()
 LIMITS = {"bytes": 4_000_000, "depth": 64, "nodes": 100_000, "params": 10_000_000_000}
 """What a spec may be: its file's size, the nesting of its lists and objects (the zoo's deepest
 is under 20), the nodes it expands to (Inception-ResNet-v2, the largest, has under 1,000), its
