@@ -152,5 +152,8 @@ def test_train_jobs_run_side_by_side_to_the_same_results(capsys, tmp_path):
     one, two = (load(tmp_path / d, "train").sort_values("seed") for d in ("one", "two"))
     assert list(two["jobs"]) == [2, 2] and list(two["threads"]) == [1, 1]
     assert list(one["final_test_acc"]) == list(two["final_test_acc"])
-    assert [list(c[0]) for c in one["step_loss"]] == [list(c[0]) for c in two["step_loss"]]
+    # One BLAS thread against two sums float32 products in another order: equal to rounding, not
+    # to the bit (seen: 2.2942097 against 2.2942100 at the eighth step).
+    for a, b in zip(one["step_loss"], two["step_loss"]):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
     assert one["step_loss"].iloc[0][0] != one["step_loss"].iloc[1][0], "two seeds: two different runs"
