@@ -1,6 +1,6 @@
-"""Backends: one package per framework, all implementing harness.backend's protocol.
+"""Backends: one package per framework, all implementing samenet.backend's protocol.
 
-Each package's ``__init__`` declares the backend (a harness.backend.BackendInfo: name, pins,
+Each package's ``__init__`` declares the backend (a samenet.backend.BackendInfo: name, pins,
 modes, options, capabilities, known gaps) and imports no framework; its ``impl`` module
 imports the framework at the top and holds the Backend class and the builder table.
 ``backends/keras`` is the Keras model builder that the tf, keras-torch and keras-jax backends

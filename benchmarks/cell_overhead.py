@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PARENT = """
 import json, sys
-from harness.cell import Cell
-from harness.runner import python_for, run_cell
+from samenet.cell import Cell
+from samenet.runner import python_for, run_cell
 cell = Cell.from_dict(json.loads(sys.argv[1]))
 python = sys.argv[2] or python_for(cell.backend)
 print("ROW " + json.dumps(run_cell(cell, python, 600.0), default=str))

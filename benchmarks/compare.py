@@ -27,10 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness import backend as registry  # noqa: E402
-from harness.cell import Cell  # noqa: E402
-from harness.env import host_environment, machine_class  # noqa: E402
-from harness.runner import child_environment, python_for, run_cell  # noqa: E402
+from samenet import backend as registry  # noqa: E402
+from samenet.cell import Cell  # noqa: E402
+from samenet.env import host_environment, machine_class  # noqa: E402
+from samenet.runner import child_environment, python_for, run_cell  # noqa: E402
 
 
 def run_impl(impl: str, cell: Cell, python: str, timeout: float) -> dict:
@@ -46,11 +46,11 @@ def run_impl(impl: str, cell: Cell, python: str, timeout: float) -> dict:
 
 
 def run_impl_data_parallel(impl: str, cell: Cell, python: str, timeout: float) -> dict:
-    """IMPL as ``cell.workers`` ranks (harness.distributed.launch); per step the slowest rank's time."""
+    """IMPL as ``cell.workers`` ranks (samenet.distributed.launch); per step the slowest rank's time."""
     import numpy as np
 
-    from harness.distributed import HOST, Rendezvous, free_ports, launch, write_json
-    from harness.measure import summarize
+    from samenet.distributed import HOST, Rendezvous, free_ports, launch, write_json
+    from samenet.measure import summarize
 
     info = registry.get(cell.backend)
     env = child_environment(cell)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--name", default=None, help="result file name (default: derived)")
     p.add_argument("--python", default=None, metavar="PATH",
-                   help="interpreter with the backend's framework (default: harness.runner.python_for)")
+                   help="interpreter with the backend's framework (default: samenet.runner.python_for)")
     args = p.parse_args(argv)
 
     options = tuple(sorted(tuple(o.split("=", 1)) for o in args.option))

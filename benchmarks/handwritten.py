@@ -5,7 +5,7 @@
 
 IMPL names a module in benchmarks/impls with ``setup(cell) -> (step, sync)``: ``step()`` runs
 one training or inference step on a batch made before timing, ``sync()`` waits for the
-device. The protocol is harness.cell's: one first step, untimed warm-up, then timed steps
+device. The protocol is samenet.cell's: one first step, untimed warm-up, then timed steps
 with perf_counter_ns read after ``sync()``.
 
 ``--check`` proves an implementation computes the spec's function: with the canonical weights
@@ -28,20 +28,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.cell import Cell  # noqa: E402
-from harness.measure import peak_rss_mb, summarize  # noqa: E402
+from samenet.cell import Cell  # noqa: E402
+from samenet.measure import peak_rss_mb, summarize  # noqa: E402
 
 
 def check(impl: str, model: str, batch: str = "2") -> int:
     """Eval- and train-mode logits of IMPL against the backend's spec-built net, same weights and batch."""
     import numpy as np
 
-    from harness import backend as registry
-    from harness import reference, zoo
-    from harness.backend import BuildConfig
-    from harness.cell import weights_for
-    from harness.conformance import ATOL, FP32_FACTOR, RTOL
-    from harness.data import synthetic_batch
+    from samenet import backend as registry
+    from samenet import reference, zoo
+    from samenet.backend import BuildConfig
+    from samenet.cell import weights_for
+    from samenet.conformance import ATOL, FP32_FACTOR, RTOL
+    from samenet.data import synthetic_batch
 
     try:
         module = importlib.import_module(f"impls.{impl}")
@@ -88,7 +88,7 @@ def main(impl: str, config: str, out: str, rank_flag: str | None = None, rendezv
     cell = Cell.from_dict(json.loads(Path(config).read_text()))
     module = importlib.import_module(f"impls.{impl}")
     if rank_flag == "--rank":
-        from harness.distributed import Rendezvous
+        from samenet.distributed import Rendezvous
 
         step, sync = module.setup(cell, Rendezvous.from_dict(json.loads(Path(rendezvous).read_text())))
     else:

@@ -32,10 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.cell import Cell  # noqa: E402
-from harness.executors import RayExecutor  # noqa: E402
-from harness.results import Store  # noqa: E402
-from harness.runner import LocalExecutor, python_for, sweep  # noqa: E402
+from samenet.cell import Cell  # noqa: E402
+from samenet.executors import RayExecutor  # noqa: E402
+from samenet.results import Store  # noqa: E402
+from samenet.runner import LocalExecutor, python_for, sweep  # noqa: E402
 
 
 def one_sweep(executor_name: str, cells: list[Cell], python: str) -> dict:

@@ -1,7 +1,7 @@
 """The sub-command registry and the option parsers the commands share.
 
-Commands register themselves here (``@command``); harness.cli imports them and runs one. A
-command module imports this module, never harness.cli, so the two do not import each other.
+Commands register themselves here (``@command``); samenet.cli imports them and runs one. A
+command module imports this module, never samenet.cli, so the two do not import each other.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Train step contract (every backend implements exactly this, and the parity tests
         g = g + weight_decay * w            (L2 added to the gradient, PyTorch's SGD)
         v = momentum * v + g                (v starts at 0, so v = g at the first step)
         w = w - lr * v
-    BN running statistics update as in harness.ops (PyTorch momentum, unbiased variance).
+    BN running statistics update as in samenet.ops (PyTorch momentum, unbiased variance).
 
 The inference step is a forward pass in eval semantics without gradient bookkeeping.
 """
@@ -119,7 +119,7 @@ DP_BN_SEMANTICS = {
     "mean": "per-rank batch statistics; running statistics averaged over the ranks after each step",
     "sync": "batch statistics of the global batch (synchronised BN); running statistics from them",
 }
-"""Data-parallel BatchNorm semantics the oracle models (harness.conformance.dp_oracle)."""
+"""Data-parallel BatchNorm semantics the oracle models (samenet.conformance.dp_oracle)."""
 
 
 @dataclass(frozen=True)
@@ -234,12 +234,12 @@ class BackendInfo:
         """Variables a data-parallel rank needs before the framework is imported (TF_CONFIG...).
 
         Args:
-            rendezvous: The rank's harness.distributed.Rendezvous.
+            rendezvous: The rank's samenet.distributed.Rendezvous.
         """
         return {}
 
     def dp_helpers(self, world: int, host: str, ports: tuple[int, ...]) -> list:
-        """The engine's helper processes (harness.distributed.Helper), started before the ranks."""
+        """The engine's helper processes (samenet.distributed.Helper), started before the ranks."""
         return []
 
     def gap_reason(self, test_id: str) -> str | None:
@@ -391,7 +391,7 @@ class Backend(abc.ABC):
         (transport...).
 
         Args:
-            rendezvous: This rank's harness.distributed.Rendezvous.
+            rendezvous: This rank's samenet.distributed.Rendezvous.
         """
         raise UnsupportedError(f"backend {self.name}: no data-parallel training")
 

@@ -1,4 +1,4 @@
-"""One measurement cell, run in its own process: ``python -m harness.cell CONFIG.json ROW.json``.
+"""One measurement cell, run in its own process: ``python -m samenet.cell CONFIG.json ROW.json``.
 
 The protocol (README, "Measuring"):
 
@@ -16,7 +16,7 @@ The protocol (README, "Measuring"):
    on GPU the framework allocator's peak and the NVML figure of this process.
 
 With ``--rank R RENDEZVOUS.json`` the process is rank R of a data-parallel cell (``workers`` >
-1, harness.distributed): it joins the group through the backend's engine before building,
+1, samenet.distributed): it joins the group through the backend's engine before building,
 trains on its shard of the global batch, times each step between two barriers (start and end
 clocks kept for the parent, which takes the slowest rank's), and ends with an all-reduce
 microbenchmark of the gradient's bytes on the same transport.
@@ -67,7 +67,7 @@ class Cell:
     weight_decay: float = 5e-4
     workers: int = 1
     scaling: str = "weak"  # weak: batch is per worker; strong: batch is the global batch
-    # A data-parallel group across hosts (harness.distributed.group_of): every host's address
+    # A data-parallel group across hosts (samenet.distributed.group_of): every host's address
     # in node-rank order, this launcher's node rank, the group's first port. Empty: one host.
     hosts: tuple[str, ...] = ()
     node_rank: int = 0
@@ -157,7 +157,7 @@ def measure(cell: Cell, row: dict, rendezvous=None) -> None:
     """Runs the protocol, filling ``row`` as it goes (so a failure keeps what was measured).
 
     Args:
-        rendezvous: This rank's harness.distributed.Rendezvous in a data-parallel cell.
+        rendezvous: This rank's samenet.distributed.Rendezvous in a data-parallel cell.
     """
     from . import backend as registry
     from . import measure as m

@@ -36,7 +36,7 @@ Rules (``Thresholds`` holds the numbers):
   grows past ``max(parity_factor * baseline, parity_floor)`` (errors far inside the tolerance
   move with library versions; only growth towards the tolerance matters).
 * Data-parallel scaling: the efficiency of an N-worker entry against its one-worker run
-  (harness.scaling) may drop by ``scaling_pp`` percentage points (or twice its spread), same
+  (samenet.scaling) may drop by ``scaling_pp`` percentage points (or twice its spread), same
   machine class only.
 * Status: a configuration that was ok and now fails (error, oom, timeout, crash) regressed.
 """

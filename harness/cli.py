@@ -1,4 +1,4 @@
-"""Command-line interface: ``samenet COMMAND`` or ``python -m harness COMMAND``.
+"""Command-line interface: ``samenet COMMAND`` or ``python -m samenet COMMAND``.
 
 Every user error (bad spec, bad option, unknown model) ends as one line on stderr and exit
 code 2, never a traceback.

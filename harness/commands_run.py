@@ -99,7 +99,7 @@ def _configure(p):
 
 
 def add_executor_options(p):
-    """``--executor`` and its options (harness.executors; docs/executors.md)."""
+    """``--executor`` and its options (samenet.executors; docs/executors.md)."""
     from .executors import EXECUTORS
 
     p.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -265,7 +265,7 @@ def hosts_from_args(args, workers: list[int]) -> tuple[str, ...]:
 
 
 def how_measured(df) -> str:
-    """One paragraph saying how the timings in ``df`` were measured (see harness.tables)."""
+    """One paragraph saying how the timings in ``df`` were measured (see samenet.tables)."""
     from .tables import how_measured as measured
 
     return measured(df) + " p10-p90 of the steps in brackets; the first step includes tracing/compilation."
@@ -627,7 +627,7 @@ def cmd_train(args) -> int:
                                      threads=threads))
         start = time.perf_counter()
         try:
-            proc = subprocess.run([pythons[config.backend], "-m", "harness.training", str(cfg), str(data_path),
+            proc = subprocess.run([pythons[config.backend], "-m", "samenet.training", str(cfg), str(data_path),
                                    str(out)], env=env, cwd=folder, capture_output=True, text=True,
                                   timeout=args.timeout, preexec_fn=die_with_parent())
             tail = (proc.stderr or "")[-2000:]

@@ -2,7 +2,7 @@
 
 Op cases come from the op table (each op's ``cases``, as ONNX's node tests); model cases from
 the spec registry at each spec's test input. Each case carries its IR, calibrated probe
-weights (harness.probe.probe_weights), an input batch and the float64 reference outputs; a
+weights (samenet.probe.probe_weights), an input batch and the float64 reference outputs; a
 backend's fp32 result must equal them within RTOL and ATOL.
 
 Scale matters for a fixed ATOL: op cases run at unit scale. Model cases calibrate their

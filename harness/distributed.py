@@ -8,7 +8,7 @@ per rank, each in its own session, with the rendezvous in its environment
 collective, are then given a short grace and killed, helpers too. Whatever happens, every
 process group started here is ended before :func:`launch` returns.
 
-Within a rank (harness.cell), each timed step runs between two barriers of the engine, so the
+Within a rank (samenet.cell), each timed step runs between two barriers of the engine, so the
 step time of the group is the slowest rank's; the clocks are ``perf_counter_ns`` (Linux's
 CLOCK_MONOTONIC, one clock for all processes of a host), which also gives the window over which
 global throughput counts every rank's samples.

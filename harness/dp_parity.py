@@ -1,10 +1,10 @@
 """Data-parallel parity: N ranks' two SGD steps against the numpy oracle of the same group.
 
-The oracle (:func:`dp_oracle`) extends harness.grads to N workers of batch b: each rank's loss
+The oracle (:func:`dp_oracle`) extends samenet.grads to N workers of batch b: each rank's loss
 is the mean cross-entropy over its shard of the global batch; the gradient applied on every
 rank is the mean of the ranks' gradients (what every engine computes: an all-reduce sum
-divided by N); the update rule is harness.backend's. BatchNorm is where frameworks differ, so
-the oracle models each declared semantics exactly (harness.backend.DP_BN_SEMANTICS), running
+divided by N); the update rule is samenet.backend's. BatchNorm is where frameworks differ, so
+the oracle models each declared semantics exactly (samenet.backend.DP_BN_SEMANTICS), running
 statistics included:
 
 * ``local``: each rank normalises by its shard's statistics and keeps its own running ones;
@@ -17,8 +17,8 @@ For a network without BatchNorm all four equal the single-process oracle on the 
 N*b (the mean of equal shards' mean losses is the global mean); a core test checks that, and
 that a BN network's semantics differ (the negative control).
 
-A case runs as ``python -m harness.dp_parity CASE.npz OUT.npz --rank R RENDEZVOUS.json`` per
-rank under harness.distributed.launch; each rank checks in its own loss and weights after every
+A case runs as ``python -m samenet.dp_parity CASE.npz OUT.npz --rank R RENDEZVOUS.json`` per
+rank under samenet.distributed.launch; each rank checks in its own loss and weights after every
 step, and :func:`case_errors` compares every rank with the oracle at the conformance tolerances.
 """
 
@@ -55,7 +55,7 @@ class DataParallelCase:
     Attributes:
         losses: ``[step][rank]`` each rank's loss before the step.
         steps: ``[step][rank]`` each rank's parameters after the step.
-        bn: The BN semantics modelled (harness.backend.DP_BN_SEMANTICS).
+        bn: The BN semantics modelled (samenet.backend.DP_BN_SEMANTICS).
     """
 
     id: str
@@ -275,7 +275,7 @@ def run_case(backend: str, case: DataParallelCase, python: str, threads: int = 1
         for r in range(case.workers):
             rdv = Rendezvous(r, case.workers, ports=ports, device=rank_device("cpu", r))
             write_json(tmp / f"rdv{r}.json", rdv.to_dict())
-            ranks.append((["-m", "harness.dp_parity", "case.npz", f"out{r}.npz", "--rank", f"rdv{r}.json"],
+            ranks.append((["-m", "samenet.dp_parity", "case.npz", f"out{r}.npz", "--rank", f"rdv{r}.json"],
                           info.dp_env(rdv)))
 
         def failed(r: int, code: int) -> str | None:

@@ -1,9 +1,9 @@
 """Executors: where the cells of a sweep run (local processes, Ray tasks, Slurm jobs).
 
 An executor only places cells and carries their rows back; what runs is always the same
-``runner.run_cell`` (the backend's interpreter, ``-m harness.cell``, one process per cell,
+``runner.run_cell`` (the backend's interpreter, ``-m samenet.cell``, one process per cell,
 under its timeout), so isolation, timeouts and rows do not depend on the executor. The
-driver's sweep (harness.runner.sweep) writes every row to the one store, which keeps resume,
+driver's sweep (samenet.runner.sweep) writes every row to the one store, which keeps resume,
 ``--retry-failed`` and ``--force`` identical across executors.
 
 Timing cells own their cores: the local executor runs them one at a time; on Ray each timing

@@ -71,7 +71,7 @@ def summarise(rows):
     """One line per backend variant and configuration: the median of its ok rows' values.
 
     Args:
-        rows: Bench rows (``harness.results.load``), any statuses and repeats.
+        rows: Bench rows (``samenet.results.load``), any statuses and repeats.
 
     Returns:
         DataFrame with ``backend``, ``variant`` (backend, plus exec mode/options when the

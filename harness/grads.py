@@ -3,8 +3,8 @@
 The oracle of training parity (issue: proof of identity) is this module, not a framework:
 a float64 forward in train semantics keeping every activation, the mean cross-entropy loss
 (plus weighted auxiliary heads), the backward pass of every op, and the written update rule
-of harness.backend (L2 weight decay in the gradient, PyTorch-form momentum). Each op's
-backward is its schema's (``OpSchema.backward`` in harness.ops), checked against central
+of samenet.backend (L2 weight decay in the gradient, PyTorch-form momentum). Each op's
+backward is its schema's (``OpSchema.backward`` in samenet.ops), checked against central
 finite differences in the core tests for every conformance case of the op table.
 """
 
@@ -83,7 +83,7 @@ def loss_at(ir, params, x, y, masks=None, bn_unbiased=True, dtype=np.float64) ->
 
 
 def sgd_update(ir, params, grads, updates, optimizer, momentum=None, dtype=np.float64):
-    """The written update rule (harness.backend): L2 in the gradient, PyTorch-form momentum."""
+    """The written update rule (samenet.backend): L2 in the gradient, PyTorch-form momentum."""
     new, buffers = {}, {}
     momentum = momentum or {}
     for name, p in ir.params.items():

@@ -33,7 +33,7 @@ variance_scaling  Keras: ``scale``, ``mode`` (fan_in, fan_out, fan_avg), ``distr
 
 Fans follow PyTorch: conv fan_in = in_channels / groups * kh * kw, fan_out = out_channels * kh
 * kw; a bias uses its weight's fans. Calibrated probe weights for the conformance tests are
-harness.probe's.
+samenet.probe's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The IR: a flat, topologically ordered DAG with shapes, parameters and MACs.
 
-Built from an expanded spec (harness.spec): references resolved, nodes sorted, attributes
+Built from an expanded spec (samenet.spec): references resolved, nodes sorted, attributes
 checked against the op table, shapes inferred, parameters declared in canonical layout
 with their initializers. No framework is involved.
 """

@@ -233,7 +233,7 @@ class OpSchema:
         macs: ``(input_shapes, output_shape, attrs) -> int`` per sample.
         reference: numpy ``(inputs, params, attrs, ctx) -> output``, batch axis first.
         backward: numpy ``(inputs, params, attrs, output, d_output, ctx) -> (d_inputs,
-            d_params)``, the training oracle's (harness.grads); None only for ``input``.
+            d_params)``, the training oracle's (samenet.grads); None only for ``input``.
         cases: Conformance cases: dicts with ``id``, ``inputs`` (shapes) and ``attrs``, and
             optionally ``scale`` and ``shift`` of the N(0, 1) input.
         traits: What the harness needs to know of the op beyond its formulas (TRAITS).
@@ -469,7 +469,7 @@ def _maxpool_backward(xs, p, a, y, dy, ctx):
     (kh, kw), (sh, sw) = a["kernel"], a["stride"]
     flat = _windows(xp, (kh, kw), (sh, sw), (1, 1), out_hw).reshape(N, C, *out_hw, kh * kw)
     idx = flat.argmax(axis=-1)
-    for node, n_, c_, i_, j_ in ctx.flips:  # near-ties resolved the other way (see harness.conformance)
+    for node, n_, c_, i_, j_ in ctx.flips:  # near-ties resolved the other way (see samenet.conformance)
         if node == ctx.node:
             idx[n_, c_, i_, j_] = int(np.argsort(flat[n_, c_, i_, j_], kind="stable")[-2])
     rows = np.arange(out_hw[0])[:, None] * sh + idx // kw
@@ -565,7 +565,7 @@ def _hardswish_derivative(x, y, a):
 # --------------------------------------------------------------------------- conv2d
 
 INIT_ATTR = Attr("init", "init", {}, "Initializer per parameter name, overriding the op's default "
-                 "(see harness.init for the kinds)")
+                 "(see samenet.init for the kinds)")
 
 TORCH_WEIGHT_INIT = {"kind": "kaiming_uniform", "a": math.sqrt(5)}
 TORCH_BIAS_INIT = {"kind": "uniform_fan_in"}

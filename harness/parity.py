@@ -1,25 +1,25 @@
 """Proof of identity as a command: forward and training-step parity per backend and model.
 
-For each backend, a child process in that backend's env (``python -m harness.parity CONFIG
+For each backend, a child process in that backend's env (``python -m samenet.parity CONFIG
 OUT_DIR``) runs, per model at its test input:
 
 * forward: eval-mode logits from the probe weights against the float64 numpy reference:
   max absolute error, relative error (max absolute error over max |reference|), and the
   worst ratio of error to the tolerance (rtol 1e-4, atol 1e-5);
-* training: two steps of the written update rule against the numpy oracle (harness.grads):
+* training: two steps of the written update rule against the numpy oracle (samenet.grads):
   loss difference (relative, tolerance 1e-5), and after each step the max absolute weight
   error and the worst error-to-tolerance ratio over every parameter (rtol 1e-4, atol 1e-6),
   BN running statistics included. The oracle's trajectories are its own, each resolution of
   its few near-ties, and last, for a row that would otherwise be a ``mismatch``, the one
-  through the near-ties as the backend resolved them (harness.conformance.fitted_flips); a
+  through the near-ties as the backend resolved them (samenet.conformance.fitted_flips); a
   pass through that one says how many it took.
 
-The oracle is numpy's own backward pass (harness.grads), checked against finite differences
+The oracle is numpy's own backward pass (samenet.grads), checked against finite differences
 for every op case; it depends on no framework, so no backend judges another.
 
 Where the weights miss the tolerance, numpy's own float32 runs of the same steps are measured
 too: when the backend is within FP32_FACTOR of their error, the row is ``fp32-bound`` (the
-tolerance is below what float32 gives for this network, see harness.conformance.FP32_FACTOR),
+tolerance is below what float32 gives for this network, see samenet.conformance.FP32_FACTOR),
 an accepted exception with both figures in the reason. A row still a ``mismatch`` then, on a
 backend that ``verifies_fp64``, runs the same steps built in float64: when those match the
 oracle, the network, backward and update are proven the oracle's and the float32 miss is the
@@ -178,7 +178,7 @@ def verdict(row: dict) -> tuple[str, str]:
     """(status, reason) of a measured row: ``pass``, ``fp32-bound`` or ``mismatch``.
 
     ``fp32-bound``: everything passes but the weights after the steps, and those are within
-    FP32_FACTOR of the error of numpy's own float32 runs (harness.conformance.fp32_floor); or
+    FP32_FACTOR of the error of numpy's own float32 runs (samenet.conformance.fp32_floor); or
     the parameters, logits and first loss pass and the same steps built in float64 match the
     oracle (fp64_check), whatever float32 missed after the first step.
     """
@@ -296,7 +296,7 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
             (out / "config.json").write_text(json.dumps(config))
             log = out / "child.log"
             with open(log, "w") as log_file:
-                proc = subprocess.Popen([python, "-m", "harness.parity", str(out / "config.json"), str(out)], env=env,
+                proc = subprocess.Popen([python, "-m", "samenet.parity", str(out / "config.json"), str(out)], env=env,
                                         cwd=tmp, stdout=log_file, stderr=subprocess.STDOUT, text=True,
                                         preexec_fn=die_with_parent())
                 deadline = time.monotonic() + timeout
@@ -328,7 +328,7 @@ def run_backend(backend: str, models: list[str], python: str, forward: bool, tra
 def run_data_parallel(backend: str, models: list[str], python: str, workers: int, threads: int, timeout: float,
                       on_row=None) -> list[dict]:
     """Data-parallel parity rows: ``workers`` ranks' two steps per model against the oracle of
-    the same group under the backend's declared BN semantics (harness.dp_parity)."""
+    the same group under the backend's declared BN semantics (samenet.dp_parity)."""
     from . import backend as registry
     from .dp_parity import DP_PER_WORKER, case_errors, dp_case, run_case
 

@@ -1,6 +1,6 @@
 """Calibrated probe weights: what the conformance tests run every network with.
 
-The ops are found by their traits (harness.ops.TRAITS): ``weighted`` layers are rescaled,
+The ops are found by their traits (samenet.ops.TRAITS): ``weighted`` layers are rescaled,
 ``normaliser`` statistics set, ``residual_sum`` branches damped through ``passthrough`` ops.
 """
 

@@ -11,7 +11,7 @@ and says that plots were left out. A kind of row that is missing (no training ru
 rows, one batch size only) gives a sentence instead of its plot.
 
 The analysis section (``analysis_blocks``) adds throughput against GMACs per sample, step time
-and memory against batch size, and the findings of ``harness.findings``: the literature's claims
+and memory against batch size, and the findings of ``samenet.findings``: the literature's claims
 checked against the rows.
 """
 
@@ -176,7 +176,7 @@ def scaling_plot(rows, name: str) -> Figure | None:
 
 
 def _ok_summary(rows):
-    """Medians per backend variant and configuration of the ok rows (harness.findings.summarise)."""
+    """Medians per backend variant and configuration of the ok rows (samenet.findings.summarise)."""
     from .findings import summarise
 
     return summarise(rows)
@@ -305,7 +305,7 @@ def analysis_blocks(bench, plots: bool) -> list:
 
 
 def data_parallel_blocks(bench, plots: bool) -> list:
-    """The data-parallel scaling table and plot (harness.scaling), or nothing without DP rows."""
+    """The data-parallel scaling table and plot (samenet.scaling), or nothing without DP rows."""
     from .scaling import efficiencies
 
     e = efficiencies(tables.prepare(bench)) if not bench.empty else None
@@ -453,7 +453,7 @@ def environment_table(frames: dict) -> Table:
              "thread variables", "machine class", "git revision", "dirty", "host", "rows", "measured (UTC)"]
     return Table("environment of each run", names, out,
                  "Timings are comparable only within one machine class (CPU model x cores x GPU); the framework's "
-                 "own CPU settings of each row are in its 'settings' column (harness.results.load()).", {"rows"})
+                 "own CPU settings of each row are in its 'settings' column (samenet.results.load()).", {"rows"})
 
 
 def _env_text(v) -> str:

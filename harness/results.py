@@ -26,7 +26,7 @@ Columns of ``load()`` (one row per cell and repeat):
   died before saying), ``python_path`` (that interpreter), ``driver_python``, ``cpu_model``, ``cpu_logical``, ``cpu_physical``,
   ``cpu_affinity``, ``memory_gb``, ``gpu``, ``gpu_driver``, ``machine_class``,
   ``git_revision``, ``git_dirty``, ``timestamp`` (UTC ISO 8601), ``wall_s`` (the process);
-* placement (harness.executors): ``executor`` (local, ray, slurm), ``node`` (host name of the
+* placement (samenet.executors): ``executor`` (local, ray, slurm), ``node`` (host name of the
   machine that ran the cell; None when its task, node or job was lost), ``node_id`` (Ray's
   node id), ``slurm_job_id``.
 """

@@ -1,7 +1,7 @@
 """The runner: every cell in its own process, under a timeout; every outcome is a row.
 
 A sweep is the product of backends x models x modes x batch sizes (x repeats). Each cell
-runs ``python -m harness.cell`` with the backend's interpreter (this one if the framework is
+runs ``python -m samenet.cell`` with the backend's interpreter (this one if the framework is
 installed here, else the backend's tox env ``.tox/<backend>``, or ``--python NAME=PATH``),
 with the CPU settings of the backend set in its environment before the framework loads.
 A crash (segfault included), a timeout or an out-of-memory kill still yields a row; the
@@ -102,7 +102,7 @@ def run_cell(cell: Cell, python: str, timeout: float, environment: dict | None =
         with open(log, "wb") as logf:
             # The cell runs in a scratch folder so frameworks that litter the working
             # directory (MindSpore's rank_0/, kernel_meta/) leave the user's folder clean.
-            proc, held = start_holding_interrupts([python, "-m", "harness.cell", str(config), str(out)], env=env,
+            proc, held = start_holding_interrupts([python, "-m", "samenet.cell", str(config), str(out)], env=env,
                                                   cwd=tmp, stdout=logf, stderr=subprocess.STDOUT,
                                                   start_new_session=True)
             try:
@@ -212,7 +212,7 @@ def run_data_parallel(cell: Cell, python: str, timeout: float) -> tuple[dict, fl
             rdv = Rendezvous(r, cell.workers, host=host, ports=group.ports, device=rank_device(cell.device, local),
                              addresses=group.addresses, local_rank=local)
             write_json(tmp_path / f"rdv{local}.json", rdv.to_dict())
-            ranks.append((["-m", "harness.cell", "cell.json", f"row{local}.json", "--rank", f"rdv{local}.json"],
+            ranks.append((["-m", "samenet.cell", "cell.json", f"row{local}.json", "--rank", f"rdv{local}.json"],
                           info.dp_env(rdv)))
         coordinator = group.addresses[0] if group.addresses else HOST
         helpers = info.dp_helpers(cell.workers, coordinator, group.ports) if group.helpers_here else []
@@ -393,7 +393,7 @@ class Executor:
 class LocalExecutor(Executor):
     """Cells as subprocesses of this machine; ``jobs`` at once for correctness cells only.
 
-    The default executor of a sweep; harness.executors has the Ray and Slurm ones, with the
+    The default executor of a sweep; samenet.executors has the Ray and Slurm ones, with the
     same ``map``.
 
     Args:
@@ -445,7 +445,7 @@ def sweep(cells: Iterable[Cell], store: Store, python: Callable[[str], str], tim
           timing: bool = True) -> list[dict]:
     """Runs every cell not yet in the store; returns the rows of this sweep (new ones), in cell order.
 
-    The executor (harness.executors; default: local, one cell at a time) only maps cells to
+    The executor (samenet.executors; default: local, one cell at a time) only maps cells to
     rows; this driver decides what runs and writes each row as it arrives, so resume, retry
     and force are the same whatever runs the cells.
 

@@ -17,7 +17,7 @@ SAME_BUILD = ("backend", "model", "mode", "exec_mode", "options_text", "precisio
 
 
 def efficiencies(df):
-    """The data-parallel rows of ``df`` (bench rows, harness.tables.prepare'd) with their baseline
+    """The data-parallel rows of ``df`` (bench rows, samenet.tables.prepare'd) with their baseline
     step time and the scaling figures; an empty frame when there are none."""
     import pandas as pd
 

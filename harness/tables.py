@@ -2,8 +2,8 @@
 
 The Python API for people who analyse further::
 
-    from harness.results import load
-    from harness.tables import pivot
+    from samenet.results import load
+    from samenet.tables import pivot
 
     rows = load("results", kind="bench")           # one row per cell and repeat (columns: results.py)
     p = pivot(rows, "step", baseline="torch")       # a Pivot
@@ -313,7 +313,7 @@ def pivot(df, metric: str = "step", baseline: str | None = "auto", models=None, 
     """A backend x model table of one metric from result rows.
 
     Args:
-        df: Rows as returned by ``harness.results.load`` (bench rows for timing and memory
+        df: Rows as returned by ``samenet.results.load`` (bench rows for timing and memory
             metrics, ``kind='train'`` rows for accuracy, ``kind='parity'`` rows for parity).
         metric: A name of ``METRICS``.
         baseline: Backend the ratios refer to; "auto" picks torch when present, None or "none"
@@ -443,3 +443,43 @@ def text_rows(p: Pivot) -> tuple[list[str], list[str], list[list[str]]]:
         idx = idx if isinstance(idx, tuple) else (idx,)
         rows.append([*[str(i) for i in idx], *[str(v) for v in r.tolist()]])
     return names, cols, rows
+
+
+PARITY_VERDICTS = ("pass", "fp32-bound", "mismatch")
+
+
+def parity_status(df):
+    """The identity status per backend from parity rows: the newest row per (backend, model, workers).
+
+    Returns:
+        A DataFrame, one row per backend (and worker count, for data-parallel rows): ``rows``,
+        the counts of ``pass``, ``fp32-bound`` and ``mismatch``, ``other`` (errors, crashes,
+        unsupported), ``measured`` (the dates of its rows) and ``not passing`` (each such
+        model with its status, worst weight error per tolerance and known gap).
+    """
+    import pandas as pd
+
+    cols = ["backend", "workers", "rows", *PARITY_VERDICTS, "other", "measured", "not passing"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    df = df.assign(workers=df["workers"].fillna(1).astype(int) if "workers" in df else 1)
+    df = newest(df, "parity")
+    out = []
+    for (backend, workers), g in df.groupby(["backend", "workers"], sort=True):
+        counts = g["status"].value_counts()
+        dates = pd.to_datetime(g["timestamp"], utc=True) if "timestamp" in g else pd.Series(dtype="datetime64[ns, UTC]")
+        first, last = (dates.min(), dates.max()) if len(dates.dropna()) else (None, None)
+        measured = "" if first is None else (f"{first:%Y-%m-%d}" if f"{first:%Y-%m-%d}" == f"{last:%Y-%m-%d}"
+                                             else f"{first:%Y-%m-%d} to {last:%Y-%m-%d}")
+        notes = []
+        for _, r in g[g["status"] != "pass"].sort_values("model").iterrows():
+            ratio = r.get("train_worst_ratio")
+            gap = r.get("known_gap")
+            notes.append(f"{r['model']}: {r['status']}"
+                         + (f" {ratio:.1f}x" if isinstance(ratio, (int, float)) and ratio == ratio else "")
+                         + (f" (known gap: {gap})" if isinstance(gap, str) else ""))
+        out.append({"backend": backend, "workers": workers, "rows": len(g),
+                    **{v: int(counts.get(v, 0)) for v in PARITY_VERDICTS},
+                    "other": int(len(g) - sum(counts.get(v, 0) for v in PARITY_VERDICTS)),
+                    "measured": measured, "not passing": "; ".join(notes)})
+    return pd.DataFrame(out, columns=cols)

@@ -1,10 +1,10 @@
 """Accuracy and convergence: the same network, weights, data and order trained in each framework.
 
-The parent loads the data set once (harness.datasets) and writes it to one npz that every
+The parent loads the data set once (samenet.datasets) and writes it to one npz that every
 backend's process reads, so the bytes are identical by construction. Each (backend, seed)
-trains in its own process (``python -m harness.training CONFIG DATA OUT``) from the canonical
-initial weights of that seed (harness.init), on batches in the seeded order of
-harness.datasets.batches, with the written SGD rule and a learning-rate schedule applied by
+trains in its own process (``python -m samenet.training CONFIG DATA OUT``) from the canonical
+initial weights of that seed (samenet.init), on batches in the seeded order of
+samenet.datasets.batches, with the written SGD rule and a learning-rate schedule applied by
 the harness. Per epoch it records train loss (mean over the epoch's steps), test loss, test
 accuracy, learning rate and cumulative training time (evaluation excluded); per step, the
 losses of the first epoch (or of every epoch with ``log_steps``). DAWNBench's metric, time to

@@ -15,7 +15,7 @@ def pytest_addoption(parser):
                      help="specs whose two-step training parity runs: quick (default), all, or a comma list")
     parser.addoption("--forward-models", default=os.environ.get("SAMENET_FORWARD_MODELS") or "all",
                      help="specs whose forward parity runs: all (default; $SAMENET_FORWARD_MODELS), ci "
-                          "(harness.conformance.CI_FORWARD_SKIPPED left out), or a comma list")
+                          "(samenet.conformance.CI_FORWARD_SKIPPED left out), or a comma list")
 
 
 @pytest.fixture

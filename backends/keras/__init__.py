@@ -17,9 +17,9 @@ from __future__ import annotations
 import importlib.util
 from typing import ClassVar
 
-from harness.backend import BackendInfo
+from samenet.backend import BackendInfo
 
-BUILDERS_MODULE = "backends.keras.builder"
+BUILDERS_MODULE = "samenet.backends.keras.builder"
 """The module of the Keras builder table (``BackendInfo.builders`` of every Keras backend)."""
 
 LAYOUT_OPTION = {"layout": ("channels_last", "channels_first")}

@@ -10,8 +10,8 @@ import importlib
 
 import keras
 
-from harness.backend import Backend, BuildConfig, split_device
-from harness.errors import UnsupportedError
+from samenet.backend import Backend, BuildConfig, split_device
+from samenet.errors import UnsupportedError
 
 from .builder import KerasModel
 

@@ -19,18 +19,18 @@ Conventions (harness/ops.py holds the canonical ones):
       groups == in_channels becomes DepthwiseConv2D, (C*M, 1, kh, kw) -> (kh, kw, C, M);
       other groups use Conv2D(groups=g) with kernel (kh, kw, C/g, O); linear (out, in) ->
       (in, out).
-    * Layer names: harness.graph.layer_names with "." as "_" (Keras on torch keeps variables
+    * Layer names: samenet.graph.layer_names with "." as "_" (Keras on torch keeps variables
       in a torch ParameterDict, whose keys cannot contain "."); helper layers add a suffix
       (``_pad``, ``_to_chw``, ``_divisor``), made unique.
     * Padding: Keras "same" is used only where it is provably identical, i.e. when the
-      node's resolved pads equal harness.ops.same_pads on both axes (and, for pooling, the
+      node's resolved pads equal samenet.ops.same_pads on both axes (and, for pooling, the
       output size and the divisor map agree too). Everything else is explicit: a
       ZeroPadding2D before the conv / average pool, a -inf pad before max pooling, each with
       the extra bottom/right pad of a ceil-mode overhang, then "valid" pooling. Average
-      pooling whose divisor map (harness.ops.avgpool_divisor) is not the constant kh*kw is
+      pooling whose divisor map (samenet.ops.avgpool_divisor) is not the constant kh*kw is
       corrected by a constant factor map kh*kw / divisor after the valid pool.
     * adaptive_avgpool2d: a plain AveragePooling2D when the bins tile the input exactly,
-      otherwise the exact averaging matrices of harness.ops.adaptive_pool_matrix (einsum).
+      otherwise the exact averaging matrices of samenet.ops.adaptive_pool_matrix (einsum).
     * flatten keeps C, H, W order: in NHWC a Permute((3, 1, 2)) precedes the Flatten (it is
       skipped when H*W == 1 or C == 1, where both orders agree). The linear layer that
       follows keeps the canonical weight, only transposed.
@@ -49,15 +49,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from harness.errors import UnsupportedError
-from harness.graph import BuildContext, layer_names, missing_builders, schedule
-from harness.ops import adaptive_pool_matrix, avgpool_divisor, same_pads
+from samenet.errors import UnsupportedError
+from samenet.graph import BuildContext, layer_names, missing_builders, schedule
+from samenet.ops import adaptive_pool_matrix, avgpool_divisor, same_pads
 
 from .layers import GENERIC, LayerSet
 
 POLICIES = {"fp32": "float32", "tf32": "float32", "amp-bf16": "mixed_bfloat16", "amp-fp16": "mixed_float16",
             "fp64": "float64"}
-"""Keras dtype policy per precision; fp64 (harness.backend.VERIFY_PRECISION) where a backend
+"""Keras dtype policy per precision; fp64 (samenet.backend.VERIFY_PRECISION) where a backend
 declares the fp64 capability: tf and keras-torch (JAX computes float64 only with x64 enabled)."""
 
 

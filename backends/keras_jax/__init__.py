@@ -4,15 +4,15 @@ The implementation (backends/keras_jax/impl.py) runs the shared Keras model (bac
 on Keras' JAX backend, its steps compiled by jax.jit through ``Model.stateless_call``.
 """
 
-from backends.keras import KerasInfo
-from harness.backend import Capabilities, DataParallel
+from samenet.backends.keras import KerasInfo
+from samenet.backend import Capabilities, DataParallel
 
 
 class KerasJaxInfo(KerasInfo):
     name = "keras-jax"
     keras_backend = "jax"
     pins = ("jax[cpu]==0.10.2", "keras==3.15.1")
-    impl = "backends.keras_jax.impl:KerasJaxBackend"
+    impl = "samenet.backends.keras_jax.impl:KerasJaxBackend"
     exec_modes = ("jit", "eager")
     # No float64 build: JAX computes float64 only with x64 enabled before any array exists.
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=False, data_parallel=True,

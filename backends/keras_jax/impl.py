@@ -49,10 +49,10 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from backends.keras.backend import GenericKerasBackend  # noqa: E402
-from harness.backend import BuildConfig, split_device  # noqa: E402
-from harness.errors import UnsupportedError  # noqa: E402
-from harness.graph import as_output_list  # noqa: E402
+from samenet.backends.keras.backend import GenericKerasBackend  # noqa: E402
+from samenet.backend import BuildConfig, split_device  # noqa: E402
+from samenet.errors import UnsupportedError  # noqa: E402
+from samenet.graph import as_output_list  # noqa: E402
 
 MB = 1024 * 1024
 DP_RANK_ENV = "SAMENET_JAX_LOCAL_RANK"
@@ -346,7 +346,7 @@ class KerasJaxBackend(GenericKerasBackend):
     def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from harness.distributed import time_collective
+        from samenet.distributed import time_collective
 
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("ranks",))
         n = max(1, nbytes // 4)

@@ -4,15 +4,15 @@ The implementation (backends/keras_torch/impl.py) runs the shared Keras model
 (backends/keras) on Keras' torch backend, eagerly, with PyTorch's autograd and SGD.
 """
 
-from backends.keras import KerasInfo
-from harness.backend import Capabilities
+from samenet.backends.keras import KerasInfo
+from samenet.backend import Capabilities
 
 
 class KerasTorchInfo(KerasInfo):
     name = "keras-torch"
     keras_backend = "torch"
     pins = ("torch==2.13.0", "keras==3.15.1")
-    impl = "backends.keras_torch.impl:KerasTorchBackend"
+    impl = "samenet.backends.keras_torch.impl:KerasTorchBackend"
     exec_modes = ("eager",)
     # tf32: CUDA only (refused on the CPU inside build); no amp-fp16 (it needs loss scaling).
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=False,

@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from backends.keras.backend import GenericKerasBackend  # noqa: E402
-from harness.backend import VERIFY_PRECISION, BuildConfig, storage_dtype  # noqa: E402
-from harness.errors import UnsupportedError  # noqa: E402
-from harness.graph import as_output_list  # noqa: E402
+from samenet.backends.keras.backend import GenericKerasBackend  # noqa: E402
+from samenet.backend import VERIFY_PRECISION, BuildConfig, storage_dtype  # noqa: E402
+from samenet.errors import UnsupportedError  # noqa: E402
+from samenet.graph import as_output_list  # noqa: E402
 
 
 def _keras_promotes_float64(keep: bool) -> None:

@@ -1,13 +1,13 @@
 """MindSpore 2.x backend: metadata (imports no framework).
 
-The implementation is ``backends.mindspore.impl`` (the backend: devices, build, steps; its
-docstring is the design note), ``backends.mindspore.net`` (the Cell that runs the IR's
-schedule, and the straight-line program graph mode compiles), ``backends.mindspore.cells``
-(the op Cells) and ``backends.mindspore.builders`` (the builder table).
+The implementation is ``samenet.backends.mindspore.impl`` (the backend: devices, build, steps; its
+docstring is the design note), ``samenet.backends.mindspore.net`` (the Cell that runs the IR's
+schedule, and the straight-line program graph mode compiles), ``samenet.backends.mindspore.cells``
+(the op Cells) and ``samenet.backends.mindspore.builders`` (the builder table).
 """
 
-from harness.backend import BackendInfo, Capabilities, DataParallel
-from harness.distributed import Helper
+from samenet.backend import BackendInfo, Capabilities, DataParallel
+from samenet.distributed import Helper
 
 TUNED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 """MindSpore 2.10 runs CPU convolutions in plain NCHW; on AVX-512 CPUs oneDNN then picks
@@ -17,7 +17,7 @@ restores the GEMM kernels; a no-op on CPUs without AVX-512."""
 
 _SCHED_HELPER = """
 import subprocess, sys, time
-from harness.lifetime import die_with_parent
+from samenet.lifetime import die_with_parent
 # MindSpore's scheduler ends its own process (from C++) once every worker has unregistered, which
 # is a moment before the ranks exit, and a helper that ends before the ranks is a failure: so it
 # runs as a child in this session (the launcher's group kill ends both; a dead helper, too) and
@@ -48,8 +48,8 @@ class MindSporeInfo(BackendInfo):
     framework = "mindspore"
     distributions = ("mindspore",)
     pins = ("mindspore==2.10.0", "numpy<2")
-    impl = "backends.mindspore.impl:MindSporeBackend"
-    builders = "backends.mindspore.builders"
+    impl = "samenet.backends.mindspore.impl:MindSporeBackend"
+    builders = "samenet.backends.mindspore.builders"
     exec_modes = ("pynative", "graph")
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=False, data_parallel=True,
                                 devices=("cpu", "cuda", "ascend"), precisions=("fp32", "tf32"))

@@ -12,10 +12,10 @@ Conventions handled here (see harness/ops.py for the canonical ones):
     * Pooling: explicit pads (-inf for max, 0 for average) of the IR's pads plus any
       ceil-mode overhang, then the native VALID pooling, so the output is the IR's size
       (cells.MaxPool, cells.AvgPool). Average pooling then multiplies by kh*kw / divisor
-      (harness.ops.avgpool_divisor) where that map is not all ones (count_include_pad=False
+      (samenet.ops.avgpool_divisor) where that map is not all ones (count_include_pad=False
       or ceil overhang).
     * adaptive_avgpool2d: identity, an exact VALID average pool when the sizes divide,
-      else two matmuls with harness.ops.adaptive_pool_matrix.
+      else two matmuls with samenet.ops.adaptive_pool_matrix.
     * dropout, drop_path: the identity in eval mode (cells.identity passes the input on).
 """
 
@@ -29,8 +29,8 @@ from typing import Any, Callable
 import numpy as np
 from mindspore import nn, ops
 
-from harness.graph import BuildContext
-from harness.ops import adaptive_pool_matrix, avgpool_divisor, resolve_pads
+from samenet.graph import BuildContext
+from samenet.ops import adaptive_pool_matrix, avgpool_divisor, resolve_pads
 
 from . import cells
 

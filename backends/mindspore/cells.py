@@ -1,6 +1,6 @@
 """The op Cells and functions the builders return; MindSpore's graph compiler parses them all.
 
-Every call here runs in the schedule of backends.mindspore.net: a Cell per node that has
+Every call here runs in the schedule of samenet.backends.mindspore.net: a Cell per node that has
 parameters, state or constants (BatchNorm, pooling, LRN, dropout, a slope or a factor), a
 MindSpore function (or a module-level function of this file) for the parameter-free rest.
 BatchNorm and max pooling run other kernels in training: the builders hand the schedule

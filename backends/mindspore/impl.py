@@ -1,10 +1,10 @@
 """MindSpore backend: the IR's schedule over per-node Cells, PyNative or graph (ms.jit), CPU/GPU/Ascend.
 
-How the IR becomes a MindSpore model (backends.mindspore.net, .builders, .cells):
+How the IR becomes a MindSpore model (samenet.backends.mindspore.net, .builders, .cells):
     * The builder table (builders.BUILDERS) makes one Layer per node: a Cell for nodes
       with parameters, state or constants (nn.Conv2d, nn.Dense, BatchNorm, pooling, LRN,
       dropout...), a MindSpore function for the parameter-free rest.
-    * The network (net.Net) runs harness.graph's schedule: ``construct`` (eval) and
+    * The network (net.Net) runs samenet.graph's schedule: ``construct`` (eval) and
       ``forward_train`` (train: BN batch statistics, dropout on, auxiliary heads returned)
       loop over a precomputed plan per mode, releasing each value after its last reader,
       so PyNative frees activations as early as the torch backend does.
@@ -41,7 +41,7 @@ layouts, conv padding, pooling pads and adaptive pooling):
       sets; the scheduler is a helper process), joined by mindspore.communication.init, which
       picks mccl on the CPU. BN running statistics stay per rank ("local").
     * MindSpore litter: glog is quieted (GLOG_v=3 unless set), analyze_fail.ir dumps go to
-      MS_OM_PATH (a temp directory unless set; both in backends.mindspore._quiet), graph
+      MS_OM_PATH (a temp directory unless set; both in samenet.backends.mindspore._quiet), graph
       mode's generated programs live in a temp directory removed at exit; nothing is
       written to the working directory.
 """
@@ -57,8 +57,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from harness.backend import Backend, BuildConfig, split_device
-from harness.errors import UnsupportedError
+from samenet.backend import Backend, BuildConfig, split_device
+from samenet.errors import UnsupportedError
 
 from . import TUNED_ENV
 from .cells import Dropout, DropPath
@@ -277,7 +277,7 @@ class MindSporeBackend(Backend):
         barrier()
 
     def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
-        from harness.distributed import time_collective
+        from samenet.distributed import time_collective
 
         t = Tensor(np.ones(max(1, nbytes // 4), np.float32))
         op = ops.AllReduce()  # sum over the world group

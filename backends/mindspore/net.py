@@ -1,4 +1,4 @@
-"""The network Cell: the IR's schedule (harness.graph) run over the builders' layers.
+"""The network Cell: the IR's schedule (samenet.graph) run over the builders' layers.
 
 Both modes run one plan per mode: the schedule's steps as tuples ``(slot, call, input
 slots, released slots)``, each call the node's Layer callable for that mode.
@@ -31,7 +31,7 @@ import types
 
 from mindspore import nn
 
-from harness.graph import Schedule, layer_names, missing_builders, schedules
+from samenet.graph import Schedule, layer_names, missing_builders, schedules
 
 from .builders import BUILDERS, Context
 

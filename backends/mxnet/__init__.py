@@ -1,12 +1,12 @@
 """Apache MXNet 1.9 (Gluon) backend: metadata (imports no framework).
 
-The implementation is ``backends.mxnet.impl`` (the backend), ``backends.mxnet.graph`` (the
-program and the HybridBlock that runs it) and ``backends.mxnet.builders`` (the builder table);
+The implementation is ``samenet.backends.mxnet.impl`` (the backend), ``samenet.backends.mxnet.graph`` (the
+program and the HybridBlock that runs it) and ``samenet.backends.mxnet.builders`` (the builder table);
 docs/backends/mxnet.md has the design notes.
 """
 
-from harness.backend import BackendInfo, Capabilities, DataParallel
-from harness.distributed import Helper, is_loopback
+from samenet.backend import BackendInfo, Capabilities, DataParallel
+from samenet.distributed import Helper, is_loopback
 
 _PS_HELPER = """
 import sys, time
@@ -35,8 +35,8 @@ class MXNetInfo(BackendInfo):
     distributions = ("mxnet", "mxnet-cu112", "mxnet-cu117", "mxnet-cu110", "mxnet-cu102")
     """The CPU wheel, then 1.9.1's CUDA wheels (tox.ini's SAMENET_MXNET_DEPS names one)."""
     pins = ("mxnet==1.9.1", "numpy<1.24")
-    impl = "backends.mxnet.impl:MXNetBackend"
-    builders = "backends.mxnet.builders"
+    impl = "samenet.backends.mxnet.impl:MXNetBackend"
+    builders = "samenet.backends.mxnet.builders"
     exec_modes = ("imperative", "hybridized")
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=True,
                                 devices=("cpu", "cuda"), precisions=("fp32", "tf32"))

@@ -1,4 +1,4 @@
-"""The op builders: one per op of harness.ops, in ``BUILDERS``.
+"""The op builders: one per op of samenet.ops, in ``BUILDERS``.
 
 A builder gets ``(node, ctx)`` (an IR node and the :class:`MXNetBuildContext`) and returns
 ``(fn, constants)``: ``fn(F, xs, P, masks)`` computes the node against MXNet's operator
@@ -18,10 +18,10 @@ Conventions handled here (harness/ops.py holds the canonical ones):
       the output is cut to the IR's size.
     * Average pooling: native Pooling (MXNet's divisor rule is PyTorch's, count_include_pad
       included) when pads are symmetric and the output needs no cut; otherwise an explicit
-      zero pad, pool_type "sum" and division by harness.ops.avgpool_divisor (a constant), so
+      zero pad, pool_type "sum" and division by samenet.ops.avgpool_divisor (a constant), so
       count_include_pad and the ceil-mode overhang follow the canon exactly.
     * adaptive_avgpool2d: contrib.AdaptiveAvgPooling2D uses PyTorch's bins
-      (harness.ops.adaptive_pool_matrix); checked by the conformance cases.
+      (samenet.ops.adaptive_pool_matrix); checked by the conformance cases.
     * BatchNorm: MXNet's momentum is the weight of the running value (running = momentum *
       running + (1 - momentum) * batch): it gets 1 - IR momentum. MXNet updates the running
       variance with the biased batch variance (bn_variance = "biased"). scale/center off:
@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness.errors import UnsupportedError
-from harness.graph import BuildContext
-from harness.ops import avgpool_divisor
+from samenet.errors import UnsupportedError
+from samenet.graph import BuildContext
+from samenet.ops import avgpool_divisor
 
 
 @dataclass
@@ -415,4 +415,4 @@ BUILDERS = {
     "identity": build_identity,
     "zeropad2d": build_zeropad2d,
 }
-"""Op name -> builder; the keys are exactly harness.ops.spec_ops() (a core test reads them)."""
+"""Op name -> builder; the keys are exactly samenet.ops.spec_ops() (a core test reads them)."""

@@ -3,7 +3,7 @@
 
 Two graphs share the program's Gluon Parameters: the eval graph (main output) and the train
 graph (loss, main output, auxiliary outputs: the loss is part of the graph, so a hybridized
-train step is one cached op plus the update). Both walk harness.graph's schedule of their
+train step is one cached op plus the update). Both walk samenet.graph's schedule of their
 mode (IR order, each value released after its last reader).
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import mxnet as mx
 from mxnet import gluon
 
-from harness.graph import layer_names, missing_builders, schedules
-from harness.ops import ops_with
+from samenet.graph import layer_names, missing_builders, schedules
+from samenet.ops import ops_with
 
 from .builders import BUILDERS, MXNetBuildContext
 
@@ -30,7 +30,7 @@ class Program:
         params: Canonical parameter name -> gluon Parameter (the IR's parameter table).
         pdict: The gluon ParameterDict holding those and the graph's constants (divisor
             maps, gluon Constants, never counted as parameters).
-        schedules: harness.graph's schedule per mode (``train`` -> Schedule).
+        schedules: samenet.graph's schedule per mode (``train`` -> Schedule).
         plans: Per mode, one tuple per step, ``(slot, fn, inputs, keys, free)``: fn is None
             for a pass-through (a train-only op in eval mode); keys are (local name, block
             key) of the parameters and constants fn reads.

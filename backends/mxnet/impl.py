@@ -1,11 +1,11 @@
 """MXNet (Gluon) backend: the IR as a Gluon HybridBlock, imperative or hybridized, CPU or GPU.
 
-MXNet is retired upstream (1.9.1 is its last release). The package: ``backends.mxnet``
+MXNet is retired upstream (1.9.1 is its last release). The package: ``samenet.backends.mxnet``
 (metadata, no framework), ``builders`` (one builder per op, ``BUILDERS``), ``graph`` (the
 compiled program and the HybridBlock that runs it), this module (the backend).
 
 Structure:
-    * The IR is compiled once into a program (backends.mxnet.graph.Program): per node a
+    * The IR is compiled once into a program (samenet.backends.mxnet.graph.Program): per node a
       small function written against MXNet's operator namespace ``F`` (``mx.nd``
       imperatively, ``mx.sym`` when traced), so the same code runs both ways. Two Graph
       HybridBlocks share the Gluon Parameters: the eval graph (main output) and the train
@@ -21,7 +21,7 @@ MXNet-specific semantics worth knowing:
       variance (apache/mxnet#21111), MXNet's own kernels with the biased one: see
       ``bn_variance`` in the metadata.
 
-Train step (harness.backend contract): mean softmax cross-entropy (plus weighted auxiliary
+Train step (samenet.backend contract): mean softmax cross-entropy (plus weighted auxiliary
 heads) inside the train graph; ``autograd.record``, ``backward``, then a gluon Trainer with
 MXNet's SGD (momentum, wd). MXNet's SGD is ``state = m * state + lr * (g + wd * w); w -= state``
 with rescale_grad 1 (the loss is already a mean), i.e. PyTorch's rule with state = lr * v
@@ -48,8 +48,8 @@ from typing import Any
 import mxnet as mx
 import numpy as np
 
-from harness.backend import Backend, BuildConfig, split_device, storage_dtype
-from harness.errors import UnsupportedError
+from samenet.backend import Backend, BuildConfig, split_device, storage_dtype
+from samenet.errors import UnsupportedError
 
 from .graph import Graph, Program
 
@@ -143,7 +143,7 @@ class MXNetBackend(Backend):
             self.kv.pushpull(key, t, out=t)
             t.wait_to_read()
 
-        from harness.distributed import time_collective
+        from samenet.distributed import time_collective
 
         return time_collective(allreduce, self.kv._barrier, iters)
 

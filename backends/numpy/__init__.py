@@ -1,12 +1,12 @@
 """The numpy reference executor as a backend: metadata (imports no framework)."""
 
-from harness.backend import BackendInfo, Capabilities
+from samenet.backend import BackendInfo, Capabilities
 
 
 class NumpyInfo(BackendInfo):
     name = "numpy"
     framework = "numpy"
-    impl = "backends.numpy.impl:NumpyBackend"
+    impl = "samenet.backends.numpy.impl:NumpyBackend"
     exec_modes = ("eager",)
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=False,
                                 devices=("cpu",), precisions=("fp32",))

@@ -1,7 +1,7 @@
 """The numpy reference executor as a backend: a framework-free baseline.
 
 Forward is the reference executor and training the oracle's backward pass and update rule
-(harness.grads), both in float32 (the oracle itself runs in float64). Slow, but it needs
+(samenet.grads), both in float32 (the oracle itself runs in float64). Slow, but it needs
 nothing beyond numpy, which makes it the runner's test double and a floor for comparisons.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import grads, reference
-from harness.backend import Backend, BuildConfig
+from samenet import grads, reference
+from samenet.backend import Backend, BuildConfig
 
 
 class NumpyBackend(Backend):
-    """Forward: harness.reference; training: harness.grads (both float32 here).
+    """Forward: samenet.reference; training: samenet.grads (both float32 here).
 
     It has no builder table: it runs the op table's own numpy forward and backward.
     """

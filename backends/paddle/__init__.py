@@ -1,13 +1,13 @@
 """The PaddlePaddle backend: metadata (imports no framework).
 
-The implementation is backends.paddle.impl (the backend and its graph layer), with the op
-layers in backends.paddle.layers and the builder table in backends.paddle.builders.
+The implementation is samenet.backends.paddle.impl (the backend and its graph layer), with the op
+layers in samenet.backends.paddle.layers and the builder table in samenet.backends.paddle.builders.
 """
 
 from __future__ import annotations
 
 
-from harness.backend import BackendInfo, Capabilities, DataParallel
+from samenet.backend import BackendInfo, Capabilities, DataParallel
 
 
 class PaddleInfo(BackendInfo):
@@ -18,8 +18,8 @@ class PaddleInfo(BackendInfo):
     framework = "paddle"
     distributions = ("paddlepaddle", "paddlepaddle-gpu", "paddlepaddle-cpu")
     pins = ("paddlepaddle==3.3.1",)
-    impl = "backends.paddle.impl:PaddleBackend"
-    builders = "backends.paddle.builders"
+    impl = "samenet.backends.paddle.impl:PaddleBackend"
+    builders = "samenet.backends.paddle.builders"
     exec_modes = ("dynamic", "static")
     options: dict[str, tuple[str, ...]] = {}
     # tf32 and amp-* are CUDA-only (build() refuses them on the CPU: Paddle's CPU bf16

@@ -1,4 +1,4 @@
-"""The Paddle backend's builder table: one builder per op of harness.ops.spec_ops().
+"""The Paddle backend's builder table: one builder per op of samenet.ops.spec_ops().
 
 A builder takes ``(node, ctx)`` and returns ``(layer, params)``: the node's paddle.nn.Layer
 and its IR parameters, local name -> ``(tensor, transposed)`` (Paddle's Linear keeps its
@@ -14,8 +14,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from harness.errors import UnsupportedError
-from harness.graph import BuildContext
+from samenet.errors import UnsupportedError
+from samenet.graph import BuildContext
 
 from .layers import (Add, AvgPool, BatchNorm, ChannelSplit, Concat, Dropout, DropPath, Identity, MaxPool, Mul,
                      SumPool, Unary, ZeroPad2D)

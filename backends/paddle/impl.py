@@ -1,8 +1,8 @@
 """PaddlePaddle backend: the IR as a paddle.nn.Layer, dynamic graph or paddle.jit.to_static.
 
-The package: backends.paddle (metadata: capabilities, env vars; imports no framework), this
-module (the graph layer and the backend), backends.paddle.layers (one paddle.nn.Layer per op
-kind) and backends.paddle.builders (the builder table, ``BUILDERS``).
+The package: samenet.backends.paddle (metadata: capabilities, env vars; imports no framework), this
+module (the graph layer and the backend), samenet.backends.paddle.layers (one paddle.nn.Layer per op
+kind) and samenet.backends.paddle.builders (the builder table, ``BUILDERS``).
 
 Conventions handled here (see harness/ops.py for the canonical ones):
     * Conv weights are OIHW as in Paddle. Linear weights are (in, out) in Paddle: transposed
@@ -14,7 +14,7 @@ Conventions handled here (see harness/ops.py for the canonical ones):
       where Paddle's divisor provably equals the IR's: symmetric pads and no window past
       the pads (Paddle clips asymmetric pads and ceil-mode overhang its own way, and its
       oneDNN kernel, used in static mode, counts overhang as padding). Otherwise it pads
-      explicitly, sums (divisor_override=1) and divides by harness.ops.avgpool_divisor.
+      explicitly, sums (divisor_override=1) and divides by samenet.ops.avgpool_divisor.
       ``exclusive`` is Paddle's name for count_include_pad=False.
     * BatchNorm: Paddle's momentum is the Keras one, 1 - the IR's; scale/center map to
       absent weight/bias (weight_attr=False semantics). Paddle keeps the running statistics
@@ -45,10 +45,10 @@ from typing import Any
 import numpy as np
 import paddle
 
-from harness.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device, storage_dtype
-from harness.errors import UnsupportedError
-from harness.graph import as_output_list, missing_builders, schedules, unpack_outputs
-from harness.ops import INPUT_OP
+from samenet.backend import VERIFY_PRECISION, Backend, BuildConfig, split_device, storage_dtype
+from samenet.errors import UnsupportedError
+from samenet.graph import as_output_list, missing_builders, schedules, unpack_outputs
+from samenet.ops import INPUT_OP
 
 from .builders import BUILDERS, PaddleContext
 from .layers import Dropout, DropPath
@@ -72,7 +72,7 @@ def known_flags(names) -> list[str]:
 
 
 class GraphLayer(paddle.nn.Layer):
-    """Runs the IR's nodes in order (harness.graph's schedules); intermediates are released
+    """Runs the IR's nodes in order (samenet.graph's schedules); intermediates are released
     after their last use.
 
     Attributes:
@@ -136,7 +136,7 @@ class GraphLayer(paddle.nn.Layer):
 
 class PaddleBackend(Backend):
     """PaddlePaddle (dynamic graph by default; ``static`` = paddle.jit.to_static, conversion in
-    the first step). Metadata: backends.paddle.PaddleInfo."""
+    the first step). Metadata: samenet.backends.paddle.PaddleInfo."""
 
     def version(self) -> str:
         return paddle.__version__
@@ -257,7 +257,7 @@ class PaddleBackend(Backend):
     def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
         import paddle.distributed as dist
 
-        from harness.distributed import time_collective
+        from samenet.distributed import time_collective
 
         t = paddle.ones([max(1, nbytes // 4)], dtype="float32")
 

@@ -1,8 +1,8 @@
 """The op layers of the Paddle backend: one paddle.nn.Layer per op kind.
 
 Each forward is a plain call of Paddle functions (no tensor-dependent control flow), so the
-static conversion traces them as ordinary Python. The builders (backends.paddle.builders)
-choose the layer and its arguments per node; the conventions are in backends.paddle.impl.
+static conversion traces them as ordinary Python. The builders (samenet.backends.paddle.builders)
+choose the layer and its arguments per node; the conventions are in samenet.backends.paddle.impl.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from harness.ops import avgpool_divisor
+from samenet.ops import avgpool_divisor
 
 
 class Unary(nn.Layer):

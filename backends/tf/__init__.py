@@ -6,9 +6,9 @@ TensorFlow with a few TF-kernel layers (backends/tf/layers.py) and TF step funct
 
 import json
 
-from backends.keras import BUILDERS_MODULE, LAYOUT_OPTION
-from harness.backend import BackendInfo, Capabilities, DataParallel
-from harness.errors import UsageError
+from samenet.backends.keras import BUILDERS_MODULE, LAYOUT_OPTION
+from samenet.backend import BackendInfo, Capabilities, DataParallel
+from samenet.errors import UsageError
 
 DP_MAX_WORKERS = 8
 """Ranks a data-parallel group may have: MWMS needs a gRPC port per worker, and the harness
@@ -21,7 +21,7 @@ class TFInfo(BackendInfo):
     distributions = ("tensorflow-cpu", "tensorflow", "tensorflow-intel", "tensorflow-macos", "tf-nightly",
                      "tf-nightly-cpu")
     pins = ("tensorflow-cpu==2.21.0", "keras==3.15.1")
-    impl = "backends.tf.impl:KerasTFBackend"
+    impl = "samenet.backends.tf.impl:KerasTFBackend"
     builders = BUILDERS_MODULE
     exec_modes = ("graph", "xla", "eager")
     options = LAYOUT_OPTION

@@ -16,7 +16,7 @@ its layers with TensorFlow kernels (backends/tf/layers.py) and runs the steps in
     * LRN: tf.nn.local_response_normalization (depth_radius = (n - 1) / 2, alpha as is) for
       odd n in NHWC; even n or NCHW use the builder's exact window sum.
     * The train step is one function (tf.function, optionally jit_compile) that runs the
-      forward with GradientTape, the loss of harness.backend's contract (mean sparse CE +
+      forward with GradientTape, the loss of samenet.backend's contract (mean sparse CE +
       weighted aux CE), adds L2 weight decay to each gradient and applies PyTorch's momentum
       rule with TF's fused ResourceApplyMomentum (accum = m * accum + g; w -= lr * accum).
       Keras optimizers are not used: their weight_decay is decoupled and their momentum
@@ -54,13 +54,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from backends.keras.backend import check_keras  # noqa: E402
-from backends.keras.builder import POLICIES, KerasModel  # noqa: E402
-from backends.tf import INTER_OP_THREADS  # noqa: E402
-from backends.tf.layers import TF_LAYERS  # noqa: E402
-from harness.backend import Backend, BuildConfig, split_device  # noqa: E402
-from harness.errors import UnsupportedError  # noqa: E402
-from harness.graph import as_output_list  # noqa: E402
+from samenet.backends.keras.backend import check_keras  # noqa: E402
+from samenet.backends.keras.builder import POLICIES, KerasModel  # noqa: E402
+from samenet.backends.tf import INTER_OP_THREADS  # noqa: E402
+from samenet.backends.tf.layers import TF_LAYERS  # noqa: E402
+from samenet.backend import Backend, BuildConfig, split_device  # noqa: E402
+from samenet.errors import UnsupportedError  # noqa: E402
+from samenet.graph import as_output_list  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -372,7 +372,7 @@ class KerasTFBackend(Backend):
         self._all_reduce(1)()
 
     def allreduce_seconds(self, nbytes: int, iters: int) -> list[float]:
-        from harness.distributed import time_collective
+        from samenet.distributed import time_collective
 
         return time_collective(self._all_reduce(max(1, nbytes // 4)), self.barrier, iters)
 

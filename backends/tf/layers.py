@@ -16,7 +16,7 @@ from dataclasses import replace
 import keras
 import tensorflow as tf
 
-from backends.keras import layers
+from samenet.backends.keras import layers
 
 
 class BatchNorm(layers.BatchNorm):

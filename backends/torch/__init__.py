@@ -1,6 +1,6 @@
 """The PyTorch backend's metadata (imports no framework; the implementation is ``impl``)."""
 
-from harness.backend import BackendInfo, Capabilities, DataParallel
+from samenet.backend import BackendInfo, Capabilities, DataParallel
 
 
 class TorchInfo(BackendInfo):
@@ -14,8 +14,8 @@ class TorchInfo(BackendInfo):
     framework = "torch"
     distributions = ("torch",)
     pins = ("torch==2.13.0",)
-    impl = "backends.torch.impl:TorchBackend"
-    builders = "backends.torch.builders"
+    impl = "samenet.backends.torch.impl:TorchBackend"
+    builders = "samenet.backends.torch.builders"
     exec_modes = ("eager", "compile")
     options = {"memory_format": ("contiguous", "channels_last"), "dp_bn": ("broadcast", "sync")}
     capabilities = Capabilities(train=True, infer=True, masks=True, set_lr=True, fp64=True, data_parallel=True,

@@ -1,4 +1,4 @@
-"""The PyTorch backend's builder table: one builder per op of harness.ops.
+"""The PyTorch backend's builder table: one builder per op of samenet.ops.
 
 Every builder takes ``(node, ctx)`` (ctx: :class:`TorchBuildContext`) and returns
 ``(layer, params)``: an nn.Module or a plain function of the node's inputs, and the tensors
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.graph import BuildContext
+from samenet.graph import BuildContext
 
 from .layers import BatchNorm, Cut, Dropout, DropPath, Padded, SumPool
 
@@ -250,4 +250,4 @@ BUILDERS = {
     "identity": stateless(identity),
     "zeropad2d": build_zeropad2d,
 }
-"""Op name -> builder; the keys are exactly harness.ops.spec_ops() (a core test reads them)."""
+"""Op name -> builder; the keys are exactly samenet.ops.spec_ops() (a core test reads them)."""

@@ -10,7 +10,7 @@ Conventions handled here (see harness/ops.py for the canonical ones):
       with F.pad (zeros for conv, -inf for max pooling) and the pooling then runs in ceil
       mode; its output is cut to the IR's size, which also applies the IR's ceil-mode rule.
       Average pooling in that case sums (divisor_override=1) and divides by the IR's divisor
-      map, so count_include_pad and overhang follow harness.ops exactly.
+      map, so count_include_pad and overhang follow samenet.ops exactly.
     * LRN: PyTorch divides alpha by the window size, so it gets alpha * size.
     * BatchNorm with only one of scale/center: BN without affine plus the one parameter.
     * ReLU and add run in place where torchvision's own models do (the producer is a conv,
@@ -33,10 +33,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.backend import Backend, BuildConfig, split_device, storage_dtype
-from harness.distributed import time_collective
-from harness.errors import UnsupportedError
-from harness.graph import as_output_list, layer_names, missing_builders, schedules, unpack_outputs
+from samenet.backend import Backend, BuildConfig, split_device, storage_dtype
+from samenet.distributed import time_collective
+from samenet.errors import UnsupportedError
+from samenet.graph import as_output_list, layer_names, missing_builders, schedules, unpack_outputs
 
 from .builders import BUILDERS, TorchBuildContext
 from .layers import Dropout
@@ -46,10 +46,10 @@ class GraphModule(nn.Module):
     """Runs the IR's nodes in order; intermediates are released after their last use.
 
     Attributes:
-        layers: The nodes built as nn.Modules, by layer name (harness.graph.layer_names).
+        layers: The nodes built as nn.Modules, by layer name (samenet.graph.layer_names).
         keys: Node name -> its key in ``layers`` (nodes built as modules only).
         canonical: IR parameter name -> the tensor holding it.
-        plans: ``train`` -> ``(index, inputs, free)`` per step (harness.graph.Schedule),
+        plans: ``train`` -> ``(index, inputs, free)`` per step (samenet.graph.Schedule),
             precomputed as plain tuples for the forward's loop.
         outputs: ``train`` -> value slots returned (main first, then the auxiliary heads).
         aux: ``(slot, loss weight)`` of each auxiliary head (train mode).

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.ops import avgpool_divisor
+from samenet.ops import avgpool_divisor
 
 
 class Padded(nn.Module):

@@ -6,13 +6,13 @@ def build_for(info, cell, check=None):
 
     Args:
         info: The backend's BackendInfo.
-        cell: The harness.cell.Cell measured.
+        cell: The samenet.cell.Cell measured.
         check: Called with the resolved BuildConfig before the build (to refuse what an impl
             does not run).
     """
-    from harness import zoo
-    from harness.backend import BuildConfig, Optimizer
-    from harness.cell import weights_for
+    from samenet import zoo
+    from samenet.backend import BuildConfig, Optimizer
+    from samenet.cell import weights_for
 
     b = info.create()
     b.configure(cell.threads, cell.cpu_settings == "tuned")

@@ -43,11 +43,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from backends.keras_jax import KerasJaxInfo  # noqa: E402
-from backends.keras_jax.impl import KerasJaxBackend  # noqa: E402
+from samenet.backends.keras_jax import KerasJaxInfo  # noqa: E402
+from samenet.backends.keras_jax.impl import KerasJaxBackend  # noqa: E402
 from benchmarks.impls import build_for  # noqa: E402
-from harness.data import synthetic_batch  # noqa: E402
-from harness.graph import as_output_list  # noqa: E402
+from samenet.data import synthetic_batch  # noqa: E402
+from samenet.graph import as_output_list  # noqa: E402
 
 BACKEND = "keras-jax"
 

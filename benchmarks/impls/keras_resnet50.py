@@ -10,7 +10,7 @@ is checked against the spec's (trainable + non-trainable, 25,636,712 at 3x224x22
 Matched to the tf backend's default execution mode ``graph``: the train and the inference
 step are each one ``tf.function`` without ``jit_compile`` (``--exec-mode xla`` sets
 jit_compile=True, ``--exec-mode eager`` calls the Python functions directly, as the backend
-does). Data: harness.data.synthetic_batch, transposed once to NHWC (the backend's default
+does). Data: samenet.data.synthetic_batch, transposed once to NHWC (the backend's default
 layout, channels_last), int64 labels, both on the device before timing.
 
 Train step: GradientTape over ``model(x, training=True)``, mean sparse softmax cross-entropy
@@ -37,8 +37,8 @@ import os
 
 import numpy as np
 
-from harness import zoo
-from harness.data import synthetic_batch
+from samenet import zoo
+from samenet.data import synthetic_batch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -131,7 +131,7 @@ def outputs(cell, x):
 
     For ``handwritten.py --check``: layers matched by name (conv{stage}_block{b}_{i}_conv/bn;
     index 0 is the shortcut), kernels transposed from the spec's OIHW / (out, in)."""
-    from harness.cell import weights_for
+    from samenet.cell import weights_for
 
     ir = zoo.load("resnet50_keras", cell.input)
     c, h, w = ir.input_shape

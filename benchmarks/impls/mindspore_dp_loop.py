@@ -43,9 +43,9 @@ import numpy as np  # noqa: E402
 from mindspore import nn  # noqa: E402
 from mindspore.communication import get_group_size, get_rank, init, release  # noqa: E402
 
-from backends.mindspore import INFO  # noqa: E402
+from samenet.backends.mindspore import INFO  # noqa: E402
 from benchmarks.impls import build_for  # noqa: E402
-from harness.data import synthetic_batch  # noqa: E402
+from samenet.data import synthetic_batch  # noqa: E402
 
 
 class _TrainForward(nn.Cell):

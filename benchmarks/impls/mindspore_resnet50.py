@@ -31,10 +31,10 @@ trainable + 53,120 BN statistics = 25,610,152):
 Matched to the mindspore backend's execution modes: ``pynative`` (default; the cells are
 called directly) and ``graph`` (``--exec-mode graph``: the train Cell and the net each
 wrapped in ms.jit, as the backend wraps its Cells; the first call compiles). The child
-environment from harness.runner sets the backend's env vars, TUNED_ENV's
+environment from samenet.runner sets the backend's env vars, TUNED_ENV's
 ONEDNN_MAX_CPU_ISA=AVX2 included (without it oneDNN picks a reference NCHW conv kernel on
 AVX-512 CPUs, ~70x slower); the tuned thread count is set as the backend's configure()
-sets it. Data: harness.data.synthetic_batch, NCHW as the backend feeds it, int32 labels (what
+sets it. Data: samenet.data.synthetic_batch, NCHW as the backend feeds it, int32 labels (what
 the sparse cross-entropy takes), made before timing.
 
 Train step: nn.TrainOneStepCell(nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(
@@ -50,7 +50,7 @@ How this differs from the harness backend and from the spec:
       is decayed, as the backend does (and as the harness contract says). The model repo's
       train.py often leaves BN gamma/beta and biases out of the decay (a few hundred
       thousand fewer element-wise updates: negligible).
-    * Weights: the spec's canonical weights (harness.cell.weights_for, the harness side's), set
+    * Weights: the spec's canonical weights (samenet.cell.weights_for, the harness side's), set
       into this net by structure, so both sides compute on the same numbers. The values can
       move MindSpore's CPU step time (2026-11-24, one process, this net interleaved with
       itself: canonical weights 4651 ms against 4424 ms with MindSpore's default
@@ -71,9 +71,9 @@ os.environ.setdefault("GLOG_v", "3")
 import mindspore as ms  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 
-from harness import zoo  # noqa: E402
-from harness.cell import weights_for  # noqa: E402
-from harness.data import synthetic_batch  # noqa: E402
+from samenet import zoo  # noqa: E402
+from samenet.cell import weights_for  # noqa: E402
+from samenet.data import synthetic_batch  # noqa: E402
 
 
 # "spec": the spec's function (torchvision's pads and BN eps); "model-repo": the model repo's.

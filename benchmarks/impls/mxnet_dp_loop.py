@@ -26,9 +26,9 @@ import gc
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from backends.mxnet import INFO
+from samenet.backends.mxnet import INFO
 from benchmarks.impls import build_for
-from harness.data import synthetic_batch
+from samenet.data import synthetic_batch
 
 
 def setup(cell, rendezvous):

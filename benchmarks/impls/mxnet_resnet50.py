@@ -17,7 +17,7 @@ The missing bias additions are ~0.03% of the work. Gluon's BN eps is 1e-5 (spec 
 Matched to the mxnet backend's default execution mode ``imperative`` (the first of its
 exec_modes): the network is not hybridized. With ``--exec-mode hybridized`` it is
 hybridized as the backend does (static_alloc=True, static_shape=True). Data:
-harness.data.synthetic_batch, NCHW as the backend feeds it (MXNet is NCHW), float32 labels,
+samenet.data.synthetic_batch, NCHW as the backend feeds it (MXNet is NCHW), float32 labels,
 on the context before timing.
 
 Train step: ``autograd.record()``, gluon.loss.SoftmaxCrossEntropyLoss on the logits (one
@@ -37,8 +37,8 @@ import mxnet as mx
 from mxnet import autograd, gluon
 from mxnet.gluon.model_zoo import vision
 
-from harness import zoo
-from harness.data import synthetic_batch
+from samenet import zoo
+from samenet.data import synthetic_batch
 
 SPEC_PARAMS_LESS_BIASES = 7_680  # stem, 3x3 and downsample conv biases Gluon's v1 does not have
 

@@ -24,10 +24,10 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from backends.paddle import INFO
+from samenet.backends.paddle import INFO
 from benchmarks.impls import build_for
-from harness.data import synthetic_batch
-from harness.graph import as_output_list
+from samenet.data import synthetic_batch
+from samenet.graph import as_output_list
 
 
 def _dynamic_only(config):

@@ -10,7 +10,7 @@ the 3x3 conv, bias-free convs, an fc with bias), so ``resnet50``. The parameter 
 checked against the spec: 25,557,032 trainable + 53,120 BN statistics = 25,610,152.
 
 Matched to the paddle backend's default execution mode ``dynamic`` (dygraph, no
-paddle.jit.to_static). Data: harness.data.synthetic_batch, NCHW as the backend feeds it,
+paddle.jit.to_static). Data: samenet.data.synthetic_batch, NCHW as the backend feeds it,
 int64 labels, both on the place before timing.
 
 Train step: ``model(x)``, ``F.cross_entropy`` (mean softmax cross-entropy), ``backward()``,
@@ -35,8 +35,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from harness import zoo
-from harness.data import synthetic_batch
+from samenet import zoo
+from samenet.data import synthetic_batch
 
 
 def _place(cell) -> str:
@@ -93,7 +93,7 @@ def outputs(cell, x):
 
     For ``handwritten.py --check``. paddle.vision names its layers as torchvision does; BN
     statistics are ``_mean``/``_variance`` and the fc weight is stored (in, out)."""
-    from harness.cell import weights_for
+    from samenet.cell import weights_for
 
     paddle.set_device(_place(cell))
     model = paddle.vision.models.resnet50(num_classes=1000)

@@ -39,10 +39,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-from backends.tf import INFO  # noqa: E402
+from samenet.backends.tf import INFO  # noqa: E402
 from benchmarks.impls import build_for  # noqa: E402
-from harness.data import synthetic_batch  # noqa: E402
-from harness.graph import as_output_list  # noqa: E402
+from samenet.data import synthetic_batch  # noqa: E402
+from samenet.graph import as_output_list  # noqa: E402
 
 
 def _graph_only(config):

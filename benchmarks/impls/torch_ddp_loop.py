@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from backends.torch import INFO
+from samenet.backends.torch import INFO
 from benchmarks.impls import build_for
-from harness.data import synthetic_batch
+from samenet.data import synthetic_batch
 
 
 def setup(cell, rendezvous):

@@ -100,8 +100,8 @@ def outputs(cell, x):
     """Eval-mode, then train-mode logits on ``x`` with the spec's canonical weights, as numpy.
 
     For ``handwritten.py --check``: the state dict's names are torchvision's, which are the spec's."""
-    from harness import zoo
-    from harness.cell import weights_for
+    from samenet import zoo
+    from samenet.cell import weights_for
 
     model = ResNet50()
     ir = zoo.load("resnet50", cell.input)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import backend as registry
-from harness.conformance import forward_models, training_models
+from samenet import backend as registry
+from samenet.conformance import forward_models, training_models
 
 _instances: dict[str, object] = {}
 

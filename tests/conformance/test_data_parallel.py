@@ -3,7 +3,7 @@
 For a backend that declares the ``data_parallel`` capability: two ranks of 4 images each take
 two SGD steps of LeNet-5 (no BatchNorm) and of ResNet-18 (BatchNorm, under the backend's
 declared data-parallel BN semantics), and every rank's loss and parameters, BN running
-statistics included, must equal the oracle's (harness.dp_parity) at the conformance
+statistics included, must equal the oracle's (samenet.dp_parity) at the conformance
 tolerances. A measured data-parallel cell must give one row with the group's figures, and a
 rank killed mid-run one row naming it, with every process of the group ended. The launcher's
 other faults (an exception, a hang, a helper that dies) are tested framework-free in
@@ -17,10 +17,10 @@ import sys
 import psutil
 import pytest
 
-from harness.cell import Cell
-from harness.distributed import FAULT_ENV
-from harness.dp_parity import DP_CONTROL_MODEL, DP_MODELS, case_errors, control_bn, dp_case, run_case
-from harness.runner import run_cell
+from samenet.cell import Cell
+from samenet.distributed import FAULT_ENV
+from samenet.dp_parity import DP_CONTROL_MODEL, DP_MODELS, case_errors, control_bn, dp_case, run_case
+from samenet.runner import run_cell
 
 _cases: dict = {}
 _got: dict = {}  # (backend, model) -> (case, per-rank steps) of the parity test

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.backend import BuildConfig
-from harness.conformance import ATOL, RTOL, model_case
+from samenet.backend import BuildConfig
+from samenet.conformance import ATOL, RTOL, model_case
 
 
 def test_model_matches_reference(backend_name, new_backend, known_gap, forward_model):
-    """Specs: every one by default, ``--forward-models ci`` in CI (harness.conformance.forward_models)."""
+    """Specs: every one by default, ``--forward-models ci`` in CI (samenet.conformance.forward_models)."""
     model = forward_model
     known_gap(f"model:{model}")
     c = model_case(model)

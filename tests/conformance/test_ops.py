@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.backend import BuildConfig
-from harness.conformance import ATOL, RTOL, op_case, op_case_ids
+from samenet.backend import BuildConfig
+from samenet.conformance import ATOL, RTOL, op_case, op_case_ids
 
 CASES = op_case_ids()
 

@@ -22,9 +22,9 @@ import time
 import numpy as np
 import pytest
 
-from harness.backend import BuildConfig
-from harness.init import init_weights
-from harness.ir import build_ir
+from samenet.backend import BuildConfig
+from samenet.init import init_weights
+from samenet.ir import build_ir
 
 DEPTH = 8
 SMALL_BATCH, LARGE_BATCH = 2, 16

@@ -1,13 +1,13 @@
 """Training parity: two steps of every op case and of chosen specs against the numpy oracle.
 
-Specs: harness.conformance.QUICK_TRAINING_MODELS by default, ``--training-models all`` for all.
+Specs: samenet.conformance.QUICK_TRAINING_MODELS by default, ``--training-models all`` for all.
 
 From the same weights, batch and dropout masks, the backend's loss must equal the oracle's
 (rtol 1e-5) and every parameter after each step, BN running statistics included, must equal
 the oracle's (rtol 1e-4, atol 1e-6), and so must each tensor's update (new - old) within
-1e-3 of the oracle's largest update in that tensor (harness.conformance.UPDATE_RTOL). The
+1e-3 of the oracle's largest update in that tensor (samenet.conformance.UPDATE_RTOL). The
 oracle follows the backend's BN running-variance convention (``bn_variance``); everything else
-is the written update rule of harness.backend.
+is the written update rule of samenet.backend.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.backend import BuildConfig
-from harness.conformance import (FP32_FACTOR, LOSS_RTOL, fp32_bound_reason, fp32_floor, fp32_loss_floor,
+from samenet.backend import BuildConfig
+from samenet.conformance import (FP32_FACTOR, LOSS_RTOL, fp32_bound_reason, fp32_floor, fp32_loss_floor,
                                  model_training_case, op_case_ids,
                                  op_training_case, run_training_case, step_mismatches, worst_step_error)
-from harness.parity import fp64_bound_reason, fp64_check
+from samenet.parity import fp64_bound_reason, fp64_check
 
 CASES = [c for c in op_case_ids() if c[1] not in ("identity",)]
 
@@ -31,8 +31,8 @@ def check(backend, case, requires):
     backend's ``masks`` capability.
 
     A miss in the weights alone, within FP32_FACTOR of numpy's own float32 error, is an xfail
-    (``fp32-bound``, see harness.conformance): reported with its figures, not passed; so is
-    one whose float64 build matches the oracle (harness.parity.fp64_check).
+    (``fp32-bound``, see samenet.conformance): reported with its figures, not passed; so is
+    one whose float64 build matches the oracle (samenet.parity.fp64_check).
     """
     if case.masks:
         requires("masks")

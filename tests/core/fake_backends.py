@@ -11,9 +11,9 @@ import os
 import signal
 import time
 
-from backends.numpy import NumpyInfo
-from backends.numpy.impl import NumpyBackend
-from harness.backend import Capabilities
+from samenet.backends.numpy import NumpyInfo
+from samenet.backends.numpy.impl import NumpyBackend
+from samenet.backend import Capabilities
 
 
 class _Fake(NumpyBackend):

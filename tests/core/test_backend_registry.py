@@ -15,32 +15,33 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from harness import backend as registry
-from harness import conformance, zoo
-from harness.ops import OPS, TRAITS, spec_ops
+from samenet import backend as registry
+from samenet import conformance, zoo
+from samenet.ops import OPS, TRAITS, spec_ops
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORKS = {"torch", "tensorflow", "keras", "mxnet", "paddle", "mindspore", "jax", "jaxlib"}
 LIBRARIES = {"keras"}  # packages in backends/ that backends share; not backends themselves
-PROJECT_BACKENDS = [n for n in registry.names() if registry.registry()[n].startswith("backends.")]
+PROJECT_BACKENDS = [n for n in registry.names() if registry.registry()[n].startswith("samenet.backends.")]
 FRAMEWORK_BACKENDS = [n for n in PROJECT_BACKENDS if not registry.get(n).reference]
 
 
 def test_every_backend_package_is_registered_and_every_registered_backend_is_a_package():
     packages = {p.parent.name for p in (ROOT / "backends").glob("*/__init__.py")} - LIBRARIES
-    registered = {registry.registry()[n].split(":")[0].split(".")[1] for n in PROJECT_BACKENDS}
+    registered = {registry.registry()[n].split(":")[0].split(".")[2] for n in PROJECT_BACKENDS}
     assert packages == registered
 
 
 def test_backend_metadata_imports_no_framework():
     modules = sorted({registry.registry()[n].split(":")[0] for n in PROJECT_BACKENDS})
     code = ("import importlib, sys\n"
-            "from harness import backend as r\n"
+            "from samenet import backend as r\n"
             f"infos = [r.get(n) for n in {PROJECT_BACKENDS!r}]\n"
             "[(i.available(), i.installed_version(), i.env_vars(2, True), i.capabilities) for i in infos]\n"
             f"print(sorted(set(sys.modules) & set({sorted(FRAMEWORKS)!r})))")
@@ -54,7 +55,8 @@ def test_harness_never_imports_the_backends_package():
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "backends"]
+            offenders += [f"{path.name}: {n}" for n in names
+                           if n.split(".")[0] == "backends" or n.split(".")[:2] == ["samenet", "backends"]]
     assert offenders == []
 
 
@@ -133,8 +135,8 @@ def test_a_data_parallel_declaration_with_an_unknown_rank_exit_is_refused():
 
 
 def test_undeclared_precision_and_device_are_unsupported():
-    from harness.backend import BuildConfig
-    from harness.errors import UnsupportedError
+    from samenet.backend import BuildConfig
+    from samenet.errors import UnsupportedError
 
     info = registry.get("numpy")
     with pytest.raises(UnsupportedError, match="precision amp-bf16 not supported"):
@@ -174,6 +176,8 @@ def test_tox_env_installs_the_pins_and_tests_the_backend(name):
     deps = [re.sub(r"^\{env:[A-Z_]+:(.*)\}$", r"\1", d) for d in _list(config[f"testenv:{name}"].get("deps", ""))]
     assert info.pins, f"{name}: declares no pins"
     assert sorted(info.pins) == sorted(deps), f"{name}: tox installs {deps}, the backend declares {list(info.pins)}"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(extras.get(name, [])) == sorted(info.pins), f"{name}: the extra samenet[{name}] is not its pins"
     assert f"--backend {name} " in config[f"testenv:{name}-test"]["commands"]
     # The main job ends with a table and a report (with plots: matplotlib) of every backend measured here.
     commands = _list(config[f"testenv:{name}"]["commands"])

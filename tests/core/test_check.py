@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from harness.check import FORMAT, Thresholds, compare, summarize
-from harness.cli import main
-from harness.results import Store, load
+from samenet.check import FORMAT, Thresholds, compare, summarize
+from samenet.cli import main
+from samenet.results import Store, load
 
 MACHINE = "Test CPU / 2 cpus"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from harness import zoo
-from harness.cli import main
+from samenet import zoo
+from samenet.cli import main
 
 
 def test_list_shows_every_model_with_counts(capsys):
@@ -33,11 +33,11 @@ def test_info_with_input_and_args(capsys):
 
 
 def test_python_dash_m_and_bad_options():
-    run = subprocess.run([sys.executable, "-m", "harness", "info", "nosuchnet"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "samenet", "info", "nosuchnet"], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]
     assert "unknown model 'nosuchnet'" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "harness", "list", "--frobnicate"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "samenet", "list", "--frobnicate"], capture_output=True, text=True)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert "unrecognized arguments: --frobnicate" in run.stderr
 

@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from harness import datasets, zoo
-from harness.cli import main
-from harness.datasets import DataError
+from samenet import datasets, zoo
+from samenet.cli import main
+from samenet.datasets import DataError
 
 
 def write_idx(path, array, compress=False):
@@ -130,7 +130,7 @@ def test_train_command_bad_data_path_is_one_line(capsys, tmp_path):
 
 
 def test_train_command_runs_and_records_curves(capsys, tmp_path):
-    from harness.results import load
+    from samenet.results import load
 
     rc = main(["train", "--backends", "numpy", "--data", "synthetic", "--epochs", "2", "--batch-size", "64",
                "--seeds", "0", "--results", str(tmp_path)])
@@ -142,7 +142,7 @@ def test_train_command_runs_and_records_curves(capsys, tmp_path):
 
 
 def test_train_jobs_run_side_by_side_to_the_same_results(capsys, tmp_path):
-    from harness.results import load
+    from samenet.results import load
 
     common = ["train", "--backends", "numpy", "--data", "synthetic", "--epochs", "1", "--batch-size", "64",
               "--seeds", "0,1", "--threads", "2"]

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from harness.distributed import Helper, free_ports, launch
+from samenet.distributed import Helper, free_ports, launch
 
 OK = ["-c", "import time; time.sleep(0.2)"]
 HANG = ["-c", "import time; time.sleep(1000)"]
@@ -97,8 +97,8 @@ def test_free_ports_are_distinct_and_bindable():
 
 
 def _oracles(ir, workers=2, per_worker=2, seed=0):
-    from harness import conformance, init, probe
-    from harness.dp_parity import dp_oracle
+    from samenet import conformance, init, probe
+    from samenet.dp_parity import dp_oracle
 
     weights = probe.probe_weights(ir, seed)
     x = init._normal(conformance.stream(seed, "t"), (workers * per_worker, *ir.input_shape)).astype(np.float32)
@@ -114,7 +114,7 @@ def _max_diff(single, steps):
 
 
 def test_without_batchnorm_every_semantics_is_the_global_batch_oracle():
-    from harness import zoo
+    from samenet import zoo
 
     single, dp = _oracles(zoo.load_for_test("lenet5"))
     for bn, (losses, steps) in dp.items():
@@ -124,7 +124,7 @@ def test_without_batchnorm_every_semantics_is_the_global_batch_oracle():
 
 
 def test_with_batchnorm_the_semantics_differ_and_sync_is_the_global_batch():
-    from harness.conformance import op_case_ids, op_case_ir
+    from samenet.conformance import op_case_ids, op_case_ir
 
     op, case = next((op, case) for case_id, op, case in op_case_ids() if case_id == "op:batchnorm/2d")
     ir = op_case_ir(op, case, for_training=True)
@@ -141,9 +141,9 @@ def test_with_batchnorm_the_semantics_differ_and_sync_is_the_global_batch():
 
 
 def test_the_comparison_passes_the_oracle_and_catches_one_rank_off():
-    from harness.conformance import PARITY_OPTIMIZER, op_case_ids, op_case_ir
-    from harness import init, probe, conformance
-    from harness.dp_parity import DataParallelCase, RankSteps, case_errors, dp_oracle
+    from samenet.conformance import PARITY_OPTIMIZER, op_case_ids, op_case_ir
+    from samenet import init, probe, conformance
+    from samenet.dp_parity import DataParallelCase, RankSteps, case_errors, dp_oracle
 
     op, case = next((op, case) for case_id, op, case in op_case_ids() if case_id == "op:batchnorm/2d")
     ir = op_case_ir(op, case, for_training=True)
@@ -162,8 +162,8 @@ def test_the_comparison_passes_the_oracle_and_catches_one_rank_off():
 
 
 def test_a_backend_without_the_capability_gives_an_unsupported_row():
-    from harness.cell import Cell
-    from harness.runner import run_cell
+    from samenet.cell import Cell
+    from samenet.runner import run_cell
 
     row = run_cell(Cell(backend="numpy", model="lenet5", mode="train", batch=2, workers=2), sys.executable, 60)
     assert row["status"] == "unsupported" and "no data-parallel" in row["error"]
@@ -171,7 +171,7 @@ def test_a_backend_without_the_capability_gives_an_unsupported_row():
 
 
 def test_one_process_cells_keep_their_keys():
-    from harness.cell import Cell
+    from samenet.cell import Cell
 
     cell = Cell(backend="torch", model="lenet5", mode="train", batch=16)
     assert "workers" not in cell.to_dict() and Cell.from_dict(cell.to_dict()) == cell
@@ -179,7 +179,7 @@ def test_one_process_cells_keep_their_keys():
 
 
 def test_one_host_cells_keep_their_keys_and_a_group_across_hosts_is_its_own_cell():
-    from harness.cell import Cell
+    from samenet.cell import Cell
 
     one = Cell(backend="torch", model="lenet5", mode="train", batch=16, workers=2)
     assert "hosts" not in one.to_dict() and "rendezvous_port" not in one.to_dict()
@@ -192,7 +192,7 @@ def test_one_host_cells_keep_their_keys_and_a_group_across_hosts_is_its_own_cell
 
 
 def test_a_group_across_hosts_splits_its_ranks_and_agrees_on_ports():
-    from harness.distributed import group_of
+    from samenet.distributed import group_of
 
     here = group_of(4, 2)
     assert here.ranks == (0, 1, 2, 3) and not here.addresses and here.helpers_here and here.loopback
@@ -208,8 +208,8 @@ def test_a_group_across_hosts_splits_its_ranks_and_agrees_on_ports():
 def test_every_engine_is_told_where_the_other_hosts_are(backend):
     """Framework-free: each backend's rank environment for rank 2 of 4 on the second of two
     hosts names rank 0's host as the coordinator and keeps no loopback-only setting."""
-    from harness import backend as registry
-    from harness.distributed import Rendezvous
+    from samenet import backend as registry
+    from samenet.distributed import Rendezvous
 
     info = registry.get(backend)
     addresses = ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2")

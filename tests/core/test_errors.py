@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from samenet.cli import main
 
 
 def tiny(**changes):
@@ -266,7 +266,7 @@ def test_node_init_for_missing_parameter_is_an_error(write_spec, capsys):
 
 
 def test_validate_skips_the_schema_file(capsys):
-    from harness.spec import SCHEMA_PATH
+    from samenet.spec import SCHEMA_PATH
 
     assert main(["validate", str(SCHEMA_PATH)]) == 0
     assert "skipped" in capsys.readouterr().out
@@ -299,7 +299,7 @@ def test_a_family_member_extends_its_base(write_spec, capsys):
                        "expect": {"params": 242, "gmacs": 1.38e-5}}, name="wide.json")
     assert main(["validate", str(wide)]) == 0, capsys.readouterr().err
     assert "ok (wide: 242 params" in capsys.readouterr().out
-    from harness.spec import read_document
+    from samenet.spec import read_document
 
     doc = read_document(wide)
     assert doc["extends"] == "tiny" and "aliases" not in doc and doc["paper"] == "none"

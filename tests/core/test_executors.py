@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.cell import Cell
-from harness.cli import main
-from harness.executors import TIMING_SLOT, LocalExecutor, RayExecutor, SlurmExecutor, env_resource, ray_request
-from harness.results import Store
-from harness.runner import sweep
+from samenet.cell import Cell
+from samenet.cli import main
+from samenet.executors import TIMING_SLOT, LocalExecutor, RayExecutor, SlurmExecutor, env_resource, ray_request
+from samenet.results import Store
+from samenet.runner import sweep
 
 HERE = Path(__file__).resolve().parent
 FAKES = ",".join(f"{n}=fake_backends:INFO_{n.upper().replace('-', '_')}" for n in ("segfault", "slow", "infer-only"))
@@ -173,9 +173,9 @@ def _cell_processes(backend: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "harness.cell" in cmd:
+        if "samenet.cell" in cmd:
             try:
-                config = json.loads(Path(cmd[cmd.index("harness.cell") + 1]).read_text())
+                config = json.loads(Path(cmd[cmd.index("samenet.cell") + 1]).read_text())
             except (OSError, ValueError, IndexError):
                 continue
             if config["backend"] == backend:

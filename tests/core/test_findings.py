@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import findings, report, zoo
-from harness.cli import build_parser, main
-from harness.commands_run import cells_from_args
-from harness.findings import FAILS, HOLDS, MIXED, UNDECIDED
+from samenet import findings, report, zoo
+from samenet.cli import build_parser, main
+from samenet.commands_run import cells_from_args
+from samenet.findings import FAILS, HOLDS, MIXED, UNDECIDED
 from test_report import bench_row
 
 # (GMACs, parameters) of three networks, about the zoo's
@@ -76,7 +76,7 @@ def test_zoo_preset_rows_go_to_the_zoo_store(tmp_path):
     results = tmp_path / "results"
     assert main(["run", "--preset", "zoo", "--backends", "numpy", "--models", "lenet5", "--warmup", "0",
                  "--iters", "2", "--results", str(results), "--quiet"]) == 0
-    from harness.results import load
+    from samenet.results import load
 
     rows = load(results, "zoo")
     assert sorted(zip(rows["mode"], rows["batch"])) == [("infer", 1), ("infer", 16), ("train", 16)]
@@ -224,7 +224,7 @@ def test_report_leaves_out_charts_the_rows_cannot_support(tmp_path):
 
 
 def test_report_command_prints_the_findings(tmp_path, capsys, monkeypatch):
-    from harness.results import Store
+    from samenet.results import Store
 
     monkeypatch.setattr(report, "_has_matplotlib", lambda: False)  # the charts are tested above; this is the CLI
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import conformance, grads, init, probe, reference, zoo
-from harness.backend import Optimizer
-from harness.ops import OPS, RefContext
+from samenet import conformance, grads, init, probe, reference, zoo
+from samenet.backend import Optimizer
+from samenet.ops import OPS, RefContext
 
 CASES = conformance.op_case_ids()
 

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from harness import init, probe, zoo
-from harness.errors import SpecError
-from harness.init import check_initializer, draw, stream
+from samenet import init, probe, zoo
+from samenet.errors import SpecError
+from samenet.init import check_initializer, draw, stream
 
 
 def test_same_seed_same_bytes_other_seed_differs():
@@ -92,7 +92,7 @@ def test_weights_file_refuses_pickles_and_mismatches(tmp_path):
 
 
 def test_probe_weights_keep_activations_near_unit_scale():
-    from harness import reference
+    from samenet import reference
 
     ir = zoo.load_for_test("resnet50")
     w = probe.probe_weights(ir, 0)

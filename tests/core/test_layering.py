@@ -27,10 +27,10 @@ def test_no_framework_import_in_harness_sources():
 
 
 def test_importing_every_harness_module_loads_no_framework():
-    modules = sorted(f"harness.{p.stem}" for p in HARNESS.glob("*.py") if p.stem not in ("__main__", "__init__"))
+    modules = sorted(f"samenet.{p.stem}" for p in HARNESS.glob("*.py") if p.stem not in ("__main__", "__init__"))
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
-            "import backends\n"
+            "import samenet.backends\n"
             f"print(sorted(set(sys.modules) & set({sorted(FRAMEWORKS)!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -47,7 +47,7 @@ def harness_import_graph() -> dict[str, set[str]]:
                     deps.add(node.module.split(".")[0])
                 else:
                     deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("harness."):
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("samenet."):
                 deps.add(node.module.split(".")[1])
         graph[path.stem] = {d for d in deps if (HARNESS / f"{d}.py").exists()} - {path.stem}
     return graph

@@ -48,13 +48,28 @@ def _run(env: Path, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
 def test_the_wheel_ships_the_specs(installed):
     wheel, _, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = {Path(n).name for n in names if n.startswith("harness/specs/")}
+    shipped = {Path(n).name for n in names if n.startswith("samenet/specs/")}
     assert shipped == {p.name for p in (ROOT / "specs").glob("*.json")}
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"samenet"}  # harness/ and backends/ are samenet and samenet.backends
+    assert "samenet/backends/torch/__init__.py" in names and "samenet/cell.py" in names
+
+
+def test_a_users_own_harness_and_backends_modules_are_not_shadowed(installed, tmp_path):
+    _, env, _ = installed
+    (tmp_path / "harness.py").write_text("WHOSE = 'the user'\n")
+    (tmp_path / "backends").mkdir()
+    (tmp_path / "backends" / "__init__.py").write_text("raise ImportError('the user backends package')\n")
+    listed = _run(env, tmp_path, "python", "-m", "samenet", "list")  # the folder is on sys.path first
+    assert listed.returncode == 0, listed.stderr
+    assert "resnet50" in listed.stdout
+    theirs = _run(env, tmp_path, "python", "-c", "import harness; print(harness.WHOSE)")
+    assert theirs.stdout.strip() == "the user", theirs.stderr
 
 
 def test_the_installed_package_lists_and_describes_models_from_another_folder(installed):
     _, env, elsewhere = installed
-    where = _run(env, elsewhere, "python", "-c", "import harness, json; print(json.dumps(harness.__file__))")
+    where = _run(env, elsewhere, "python", "-c", "import samenet, json; print(json.dumps(samenet.__file__))")
     assert where.returncode == 0, where.stderr
     assert Path(json.loads(where.stdout)).is_relative_to(env), where.stdout  # the wheel's, not the checkout's
     listed = _run(env, elsewhere, "samenet", "list")

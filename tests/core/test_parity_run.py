@@ -1,14 +1,14 @@
 """The parity command's process handling: the timeout is per model, and a hung or dead child
-costs only its model's row (harness.parity.run_backend), with stand-in interpreters."""
+costs only its model's row (samenet.parity.run_backend), with stand-in interpreters."""
 
 from __future__ import annotations
 
 import sys
 import textwrap
 
-from harness.parity import run_backend
+from samenet.parity import run_backend
 
-# Stand-in for a backend interpreter: `python -m harness.parity CONFIG OUT` writes one row per
+# Stand-in for a backend interpreter: `python -m samenet.parity CONFIG OUT` writes one row per
 # model after DELAY seconds, but hangs on (or dies at) the model named HANG (DIE).
 CHILD = textwrap.dedent("""\
     #!{python}
@@ -59,8 +59,8 @@ def test_cases_only_caches_what_every_backend_env_reads(tmp_path, monkeypatch):
     """``parity --cases-only`` runs no backend and leaves the cases the backend envs look up:
     a forward case and one training case per BN-variance convention, then the data-parallel
     cases per (BN semantics, convention) the data-parallel backends declare."""
-    from harness import backend as registry
-    from harness.cli import main
+    from samenet import backend as registry
+    from samenet.cli import main
 
     monkeypatch.setenv("SAMENET_CACHE", str(tmp_path))
     assert main(["parity", "--cases-only", "--models", "lenet5"]) == 0
@@ -88,7 +88,7 @@ RECORDING_CHILD = textwrap.dedent("""\
 
 
 def test_parity_jobs_deal_a_backends_models_to_processes_that_run_side_by_side(tmp_path, monkeypatch, capsys):
-    from harness.cli import main
+    from samenet.cli import main
 
     stub = tmp_path / "python"
     stub.write_text(RECORDING_CHILD.format(python=sys.executable))
@@ -97,7 +97,7 @@ def test_parity_jobs_deal_a_backends_models_to_processes_that_run_side_by_side(t
     rc = main(["parity", "--jobs", "2", "--threads", "2", "--backends", "torch", "--models", ",".join(models),
                "--python", f"torch={stub}", "--results", str(tmp_path / "results")])
     assert rc == 0, capsys.readouterr().err
-    from harness.results import Store
+    from samenet.results import Store
 
     rows = list(Store(str(tmp_path / "results"), "parity").rows())
     assert sorted(r["model"] for r in rows) == sorted(models) and {r["jobs"] for r in rows} == {2}
@@ -111,8 +111,8 @@ def test_parity_jobs_deal_a_backends_models_to_processes_that_run_side_by_side(t
 
 
 def test_parity_units_cover_every_model_once_and_balance_the_work():
-    from harness import zoo
-    from harness.commands_run import parity_units
+    from samenet import zoo
+    from samenet.commands_run import parity_units
 
     models = ["lenet5", "alexnet", "vgg11", "resnet18", "resnet50", "mobilenet_v2", "squeezenet1_1"]
     assert parity_units(["torch", "tf"], models, 1) == [("torch", models), ("tf", models)]

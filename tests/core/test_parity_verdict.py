@@ -1,7 +1,7 @@
 """The parity command's verdict: pass, fp32-bound (an accepted exception) or mismatch."""
 
-from harness.conformance import FP32_FACTOR, LOSS_RTOL
-from harness.parity import ACCEPTED, verdict
+from samenet.conformance import FP32_FACTOR, LOSS_RTOL
+from samenet.parity import ACCEPTED, verdict
 
 BASE = {"params_ok": True, "fwd_worst_ratio": 0.1, "loss_rel_diff": LOSS_RTOL / 10}
 

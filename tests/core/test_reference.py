@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from harness import init, reference, zoo
-from harness.errors import SpecError
-from harness.ir import build_ir
-from harness.ops import OPS, RefContext, adaptive_pool_matrix, conv2d_reference, resolve_attrs, same_pads
+from samenet import init, reference, zoo
+from samenet.errors import SpecError
+from samenet.ir import build_ir
+from samenet.ops import OPS, RefContext, adaptive_pool_matrix, conv2d_reference, resolve_attrs, same_pads
 
 RNG = np.random.default_rng(1234)
 

@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from harness import report, tables
-from harness.cli import main
-from harness.results import Store, load
+from samenet import report, tables
+from samenet.cli import main
+from samenet.results import Store, load
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {"machine_class": "Test CPU / 2 cpus", "cpu_model": "Test CPU", "cpu_affinity": 2, "python": "3.11.7",

@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from harness.results import STALE_TMP_S, Store, load
+from samenet.results import STALE_TMP_S, Store, load
 
 GOOD = {"backend": "torch", "model": "lenet5", "mode": "infer", "batch": 1, "status": "ok", "cell_key": "k1",
         "timestamp": "2026-12-03T10:00:00+00:00"}
@@ -55,7 +55,7 @@ def test_markup_in_an_error_is_shown_as_it_is():
     import pandas as pd
     from rich.console import Console
 
-    from harness.commands_run import results_table
+    from samenet.commands_run import results_table
 
     df = pd.DataFrame([{**GOOD, "status": "error", "error": "RuntimeError: bad [/x] and [bold]", "input": None,
                         "step_median_s": None, "exec_mode": None}])
@@ -66,8 +66,8 @@ def test_markup_in_an_error_is_shown_as_it_is():
 
 
 def test_results_and_baselines_default_to_the_current_folder(tmp_path, monkeypatch):
-    from harness.check import baseline_path
-    from harness.results import default_root
+    from samenet.check import baseline_path
+    from samenet.results import default_root
 
     monkeypatch.delenv("SAMENET_RESULTS", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -14,11 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.cell import Cell
-from harness.cli import main
-from harness.errors import UsageError
-from harness.results import Store, load
-from harness.runner import python_for, run_cell, sweep
+from samenet.cell import Cell
+from samenet.cli import main
+from samenet.errors import UsageError
+from samenet.results import Store, load
+from samenet.runner import python_for, run_cell, sweep
 
 HERE = Path(__file__).resolve().parent
 FAKES = ",".join(f"{n}=fake_backends:INFO_{n.upper().replace('-', '_')}"
@@ -63,9 +63,9 @@ def test_ok_row_splits_the_cells_overhead():
 
 
 def test_an_inference_build_has_no_optimiser_and_refuses_to_train():
-    from harness import backend as registry, zoo
-    from harness.backend import BuildConfig
-    from harness.data import synthetic_batch
+    from samenet import backend as registry, zoo
+    from samenet.backend import BuildConfig
+    from samenet.data import synthetic_batch
 
     ir = zoo.load("lenet5")
     b = registry.get("numpy").create()
@@ -130,7 +130,7 @@ def test_sweep_goes_on_after_failures_and_resumes(tmp_path):
 
 
 def test_the_sweeps_environment_is_captured_once(tmp_path, monkeypatch):
-    from harness import env
+    from samenet import env
 
     calls = []
     monkeypatch.setattr(env, "git_revision", lambda: calls.append(1) or ("feedc0de", False))
@@ -160,7 +160,7 @@ def test_retry_failed_reruns_only_cells_whose_newest_row_failed(tmp_path):
 
 
 def test_killing_a_sweep_loses_no_finished_cell(tmp_path):
-    cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
+    cmd = [sys.executable, "-m", "samenet", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
            "--batch-sizes", "1,2,3,4,5", "--warmup", "0", "--iters", "2", "--threads", "1",
            "--results", str(tmp_path), "--quiet"]
     log = tmp_path / "sweep.log"
@@ -225,9 +225,9 @@ def test_backend_without_framework_or_env(monkeypatch):
 
 
 def test_all_backends_are_the_frameworks_not_the_numpy_reference():
-    from harness import backend as registry
-    from harness.cli import build_parser
-    from harness.commands_run import cells_from_args
+    from samenet import backend as registry
+    from samenet.cli import build_parser
+    from samenet.commands_run import cells_from_args
 
     assert "numpy" in registry.names() and "numpy" not in registry.framework_names()
     args = build_parser().parse_args(["run", "--backends", "all", "--models", "lenet5"])
@@ -259,7 +259,7 @@ def test_conformance_suite_accepts_an_inference_only_backend():
 
 
 def test_a_sigkill_is_oom_only_when_the_kernels_oom_kill_count_rises(monkeypatch):
-    from harness import runner
+    from samenet import runner
 
     counts = iter([7, 8])  # before the cell, after it: the kernel OOM-killed a process meanwhile
     monkeypatch.setattr(runner, "oom_kills", lambda: next(counts))
@@ -270,7 +270,7 @@ def test_a_sigkill_is_oom_only_when_the_kernels_oom_kill_count_rises(monkeypatch
 def test_the_kernels_oom_kill_count_is_read():
     from pathlib import Path
 
-    from harness.runner import oom_kills
+    from samenet.runner import oom_kills
 
     assert isinstance(oom_kills(), int) or not Path("/proc/vmstat").exists()
 
@@ -278,7 +278,7 @@ def test_the_kernels_oom_kill_count_is_read():
 def _sweep_of_slow_cells(tmp_path, batches="1,2"):
     """A sweep of cells of 11 one-second steps each: a cell killed at its start would live on
     well past the tests' 5 s unless something ends it."""
-    cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
+    cmd = [sys.executable, "-m", "samenet", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
            "--batch-sizes", batches, "--warmup", "0", "--iters", "10", "--threads", "1",
            "--results", str(tmp_path), "--quiet"]
     log = open(tmp_path / "sweep.log", "wb")
@@ -289,7 +289,7 @@ def _running_cells(proc) -> list:
     """The sweep's cell processes, once one runs (psutil.Process each)."""
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        kids = [p for p in psutil.Process(proc.pid).children(recursive=True) if "harness.cell" in " ".join(p.cmdline())]
+        kids = [p for p in psutil.Process(proc.pid).children(recursive=True) if "samenet.cell" in " ".join(p.cmdline())]
         if kids:
             return kids
         time.sleep(0.1)
@@ -334,13 +334,13 @@ def test_ctrl_c_ends_the_running_cell_records_it_and_a_rerun_measures_it(tmp_pat
 
 def test_a_ctrl_c_as_the_cell_starts_is_not_lost(monkeypatch):
     """The race CI once hit: SIGINT after the cell's exec, before Popen returns."""
-    from harness.runner import CellInterrupted
+    from samenet.runner import CellInterrupted
 
     real, started = subprocess.Popen, []
 
     def popen_then_ctrl_c(*args, **kwargs):
         proc = real(*args, **kwargs)
-        if not started and "harness.cell" in args[0]:  # the cell only, not what the row's capture starts
+        if not started and "samenet.cell" in args[0]:  # the cell only, not what the row's capture starts
             started.append(proc)
             os.kill(os.getpid(), signal.SIGINT)  # delivered here unless held back
             time.sleep(0.2)
@@ -363,7 +363,7 @@ def test_a_ctrl_c_as_the_cell_starts_is_not_lost(monkeypatch):
 
 
 def test_two_sweeps_on_one_store_split_the_cells(tmp_path):
-    cmd = [sys.executable, "-m", "harness", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
+    cmd = [sys.executable, "-m", "samenet", "run", "--backends", "slow", "--models", "lenet5", "--modes", "infer",
            "--batch-sizes", "1,2,3,4", "--warmup", "0", "--iters", "2", "--threads", "1",
            "--results", str(tmp_path), "--quiet"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]

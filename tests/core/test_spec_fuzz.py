@@ -9,8 +9,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.cli import main
-from harness.ops import OPS
+from samenet.cli import main
+from samenet.ops import OPS
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 # Specs that extend none (a copy elsewhere must stand alone) and between them use blocks,

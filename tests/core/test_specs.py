@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import reference, zoo
-from harness.errors import UsageError
+from samenet import reference, zoo
+from samenet.errors import UsageError
 
 ZOO_CSV = Path(__file__).resolve().parents[1] / "data" / "zoo.csv"  # shared/reference/zoo.csv plus resnet50_sd
 REFERENCE = {row["model"]: row for row in csv.DictReader(ZOO_CSV.open())}
@@ -75,7 +75,7 @@ def test_family_members_are_short_files_over_their_base(model, base):
 
 
 def test_the_ci_forward_selection_leaves_out_only_variants_of_kept_specs():
-    from harness.conformance import CI_FORWARD_SKIPPED, forward_models
+    from samenet.conformance import CI_FORWARD_SKIPPED, forward_models
 
     kept = forward_models("ci")
     assert set(kept) | set(CI_FORWARD_SKIPPED) == set(zoo.names()) and len(kept) == len(zoo.names()) - len(CI_FORWARD_SKIPPED)

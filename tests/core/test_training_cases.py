@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from harness import conformance
-from harness import init, probe
-from harness.conformance import TRAIN_STEPS, _oracle, model_training_case
-from harness.ir import build_ir
+from samenet import conformance
+from samenet import init, probe
+from samenet.conformance import TRAIN_STEPS, _oracle, model_training_case
+from samenet.ir import build_ir
 
 
 def _maxpool_case():

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from harness import backend as registry
+from samenet import backend as registry
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
