@@ -38,7 +38,7 @@ def test_the_spec_language_page_shows_every_construct():
 
 
 def test_a_broken_spec_example_stops_the_build():
-    page = ('```json\n{"name": "broken", "title": "t", "year": 1, "paper": "p", "reproduces": "r", "input": [1, 8, 8],\n'
+    page = ('```json\n{"name": "broken", "title": "t", "year": 2026, "paper": "p", "reproduces": "r", "input": [1, 8, 8],\n'
             ' "layers": [{"op": "linear", "out_features": 3}], "expect": {"params": 1, "gmacs": 1}}\n```\n')
     with pytest.raises(ValueError, match="spec example 'broken' does not validate: .*linear expects inputs"):
         hooks().check_spec_examples(page, "page.md")
