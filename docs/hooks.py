@@ -4,6 +4,8 @@
   of a page is written to one temporary folder (so an example may extend another by name)
   and validated as ``samenet validate`` does: schema, expansion, shapes and the ``expect``
   counts. One that fails stops the build with its one-line error.
+* ``<!-- samenet:row-columns -->`` becomes the column list of ``samenet.results``' docstring,
+  the one place the columns are described.
 * ``<!-- samenet:parity-status -->`` becomes the status table computed from the parity rows
   of the results store (``$SAMENET_RESULTS``, else ``results/``): ``samenet.tables.parity_status``.
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 FENCE = re.compile(r"^```json[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 PARITY_MARKER = "<!-- samenet:parity-status -->"
+COLUMNS_MARKER = "<!-- samenet:row-columns -->"
 
 
 def spec_examples(markdown: str) -> list[dict]:
@@ -74,8 +77,19 @@ def parity_status_markdown(root: str | Path | None = None) -> str:
     return "\n".join(out) + f"\n\n*Generated from the {len(rows)} parity rows of `{root}` (newest per backend and model).*"
 
 
+def row_columns_markdown() -> str:
+    """The row columns as markdown, from the docstring of samenet.results."""
+    from samenet import results
+
+    doc = results.__doc__
+    text = doc[doc.index("Columns of ``load()``"):].split("\n", 2)[2]
+    return re.sub(r"``([^`]+)``", r"`\1`", "\n".join(line.rstrip() for line in text.splitlines())).strip()
+
+
 def on_page_markdown(markdown, page, config, files):  # noqa: ARG001  (MkDocs' hook signature)
     check_spec_examples(markdown, page.file.src_path)
+    if COLUMNS_MARKER in markdown:
+        markdown = markdown.replace(COLUMNS_MARKER, row_columns_markdown())
     if PARITY_MARKER in markdown:
         markdown = markdown.replace(PARITY_MARKER, parity_status_markdown(os.environ.get("SAMENET_RESULTS")))
     return markdown

@@ -78,6 +78,6 @@ def test_every_page_is_in_the_nav_and_every_relative_link_resolves():
     broken = []
     for page in [*DOCS.rglob("*.md"), ROOT / "README.md"]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if "://" not in target and not (page.parent / target).exists():
+            if "://" not in target and not (page.parent / target).is_file():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert broken == []
