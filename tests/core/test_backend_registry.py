@@ -161,7 +161,7 @@ def _list(value: str) -> list[str]:
 def test_tox_envs_and_labels_list_exactly_the_registered_backends():
     config = tox_config()
     envs = {s.removeprefix("testenv:") for s in config.sections() if s.startswith("testenv:")}
-    assert envs == {"core", *FRAMEWORK_BACKENDS, *(f"{n}-test" for n in FRAMEWORK_BACKENDS)}
+    assert envs == {"core", "docs", *FRAMEWORK_BACKENDS, *(f"{n}-test" for n in FRAMEWORK_BACKENDS)}
     assert _list(config["tox"]["env_list"]) == ["core", *FRAMEWORK_BACKENDS]
     labels = {key.strip(): _list(value) for key, _, value in
               (line.partition("=") for line in config["tox"]["labels"].splitlines() if "=" in line)}
