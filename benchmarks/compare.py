@@ -45,15 +45,19 @@ def run_impl(impl: str, cell: Cell, python: str, timeout: float) -> dict:
         return json.loads(out.read_text())
 
 
-def run_impl_data_parallel(impl: str, cell: Cell, python: str, timeout: float) -> dict:
-    """IMPL as ``cell.workers`` ranks (samenet.distributed.launch); per step the slowest rank's time."""
+def run_impl_data_parallel(impl: str, cell: Cell, python: str, timeout: float, barriers: bool = False) -> dict:
+    """IMPL as ``cell.workers`` ranks (samenet.distributed.launch); per step the slowest rank's time.
+
+    ``barriers``: a barrier before each timed step, as the harness's cell does (the impl's
+    ``barrier()``), so that both sides are timed under one protocol.
+    """
     import numpy as np
 
     from samenet.distributed import HOST, Rendezvous, free_ports, launch, write_json
     from samenet.measure import summarize
 
     info = registry.get(cell.backend)
-    env = child_environment(cell)
+    env = {**child_environment(cell), **({"SAMENET_BENCH_BARRIERS": "1"} if barriers else {})}
     ports = free_ports(info.data_parallel.ports)
     with tempfile.TemporaryDirectory(prefix="samenet-bench-dp-") as tmp:
         tmp = Path(tmp)
@@ -102,6 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="threads per process (default: the core budget / workers)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel ranks (IMPL then takes setup(cell, rendezvous))")
+    p.add_argument("--impl-barriers", action="store_true",
+                   help="time the impl's ranks as the harness times its own: a barrier before each timed step "
+                        "(needs the impl's barrier())")
     p.add_argument("--target", type=float, default=None, help="ratio the harness must not exceed")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--name", default=None, help="result file name (default: derived)")
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
                 harness_medians.append(row["step_median_s"])
             else:
                 row = (run_impl(args.impl, cell, python, args.timeout) if args.workers == 1 else
-                       run_impl_data_parallel(args.impl, cell, python, args.timeout))
+                       run_impl_data_parallel(args.impl, cell, python, args.timeout, args.impl_barriers))
                 if row["status"] != "ok":
                     print(f"{args.impl} failed: {row.get('error')}", file=sys.stderr)
                     return 1
@@ -152,6 +159,7 @@ def main(argv=None) -> int:
               "impl": args.impl, "impl_function": same_function, "model": args.model, "input": args.input,
               "mode": args.mode, "batch": args.batch,
               "exec_mode": args.exec_mode, "options": dict(options), "threads": args.threads, "workers": args.workers,
+              "impl_barriers": args.impl_barriers,
               "rounds": args.rounds,
               "warmup": args.warmup, "iters": args.iters, "harness_medians_s": harness_medians,
               "impl_medians_s": impl_medians, "harness_processes": processes["harness"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,8 +101,12 @@ def main(impl: str, config: str, out: str, rank_flag: str | None = None, rendezv
     for _ in range(cell.warmup):
         step()
         sync()
+    # --impl-barriers (compare.py): the harness's protocol, a barrier before each timed step.
+    barrier = getattr(module, "barrier", None) if os.environ.get("SAMENET_BENCH_BARRIERS") == "1" else None
     samples = []
     for _ in range(cell.iters):
+        if barrier is not None and rank_flag == "--rank":
+            barrier()
         t0 = time.perf_counter_ns()
         step()
         sync()

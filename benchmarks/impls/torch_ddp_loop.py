@@ -37,3 +37,8 @@ def setup(cell, rendezvous):
         opt.step()
 
     return train, lambda: None
+
+
+def barrier():
+    """For ``compare.py --impl-barriers``: the harness's barrier before each timed step."""
+    dist.barrier()
