@@ -1,6 +1,6 @@
 """One measurement cell, run in its own process: ``python -m samenet.cell CONFIG.json ROW.json``.
 
-The protocol (README, "Measuring"):
+The protocol (docs/measuring.md):
 
 1. import the backend's implementation and its framework (timed: ``import_s``); RSS after
    import is the memory baseline; a mode its capabilities lack is an ``unsupported`` row;

@@ -183,7 +183,7 @@ combinator (add, concat, mul, split, drop_path), at the cost of minutes (a core 
 the coverage). The whole zoo runs with ``--training-models all`` or ``samenet parity``. Not
 here: GoogLeNet and the Inception family, whose branch-4 max pool of a max-pooled map holds
 dozens of windows whose two largest values are closer than fp32 error at that depth, more than
-the oracle can resolve both ways (see README, "Proving identity")."""
+the oracle can resolve both ways (see docs/identity.md)."""
 
 QUICK_TRAINING_EXCEPTIONS = {
     "lrn": "only AlexNet (paper) and ZFNet use it, 61-62M parameters at 224x224 (no reduced input): two "
