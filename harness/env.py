@@ -33,6 +33,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set extensions that decide which kernels a framework can use: bf16 and int8
+# dot products, AMX tiles (x86 /proc/cpuinfo "flags"), their aarch64 counterparts ("Features").
+# amp-bf16 is emulated on a CPU without them and native with them: its figures need the set.
+CPU_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
+           "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def cpu_isa() -> str:
+    """The extensions of CPU_ISA this CPU has, comma-separated ('' where /proc/cpuinfo says nothing)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    return ",".join(f for f in CPU_ISA if f in flags)
+
+
 def gpus() -> list[dict]:
     """GPUs seen by nvidia-smi: name, driver, memory (MB)."""
     out = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"])
@@ -63,6 +84,7 @@ def node_environment() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_logical": psutil.cpu_count(logical=True),
         "cpu_physical": psutil.cpu_count(logical=False),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -23,7 +23,7 @@ Columns of ``load()`` (one row per cell and repeat):
 * network: ``spec_hash``, ``macs_per_sample``, ``params_trainable``, ``params_non_trainable``;
 * environment: ``framework_version``, ``settings`` (dict), ``thread_env`` (dict),
   ``hostname``, ``os``, ``python`` (the version of the cell's own interpreter; None when it
-  died before saying), ``python_path`` (that interpreter), ``driver_python``, ``cpu_model``, ``cpu_logical``, ``cpu_physical``,
+  died before saying), ``python_path`` (that interpreter), ``driver_python``, ``cpu_model``, ``cpu_isa`` (its bf16/int8/AMX extensions: env.CPU_ISA), ``cpu_logical``, ``cpu_physical``,
   ``cpu_affinity``, ``memory_gb``, ``gpu``, ``gpu_driver``, ``machine_class``,
   ``git_revision``, ``git_dirty``, ``timestamp`` (UTC ISO 8601), ``wall_s`` (the process);
 * placement (samenet.executors): ``executor`` (local, ray, slurm), ``node`` (host name of the

@@ -75,3 +75,16 @@ def test_results_and_baselines_default_to_the_current_folder(tmp_path, monkeypat
     assert baseline_path("quick") == tmp_path / "results" / "baselines" / "quick.json"
     monkeypatch.setenv("SAMENET_RESULTS", str(tmp_path / "elsewhere"))
     assert default_root() == tmp_path / "elsewhere"
+
+
+def test_the_cpu_isa_names_only_known_extensions_this_cpu_has(monkeypatch, tmp_path):
+    from samenet import env
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile\n"
+                    "processor\t: 1\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile\n")
+    real = env.Path
+    monkeypatch.setattr(env, "Path", lambda p: real(info) if p == "/proc/cpuinfo" else real(p))
+    assert env.cpu_isa() == "avx2,fma,avx512f,avx512_bf16,amx_tile"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2\n")
+    assert env.cpu_isa() == ""

@@ -48,6 +48,7 @@ def test_ok_row_has_the_protocol_figures():
     assert row["heavy_modules"] == []  # the cell process never imports pandas or matplotlib
     assert row["thread_env"]["OMP_NUM_THREADS"] == "1"
     assert row["input"] == "1x32x32" and row["exec_mode"] == "eager"
+    assert isinstance(row["cpu_isa"], str)  # may be empty (no /proc/cpuinfo), never missing
 
 
 def test_ok_row_splits_the_cells_overhead():
