@@ -102,10 +102,11 @@ def main(impl: str, config: str, out: str, rank_flag: str | None = None, rendezv
         step()
         sync()
     # --impl-barriers (compare.py): the harness's protocol, a barrier before each timed step.
-    barrier = getattr(module, "barrier", None) if os.environ.get("SAMENET_BENCH_BARRIERS") == "1" else None
+    ranked = rank_flag == "--rank" and os.environ.get("SAMENET_BENCH_BARRIERS") == "1"
+    barrier = getattr(module, "barrier", None) if ranked else None
     samples = []
     for _ in range(cell.iters):
-        if barrier is not None and rank_flag == "--rank":
+        if barrier is not None:
             barrier()
         t0 = time.perf_counter_ns()
         step()

@@ -61,6 +61,7 @@ def check_spec_examples(markdown: str, where: str) -> list[str]:
 
 def parity_status_markdown(root: str | Path | None = None) -> str:
     """The parity status table (markdown) from the parity rows of a store, or a sentence without rows."""
+    from samenet.report import markdown_table
     from samenet.results import default_root, load
     from samenet.tables import parity_status
 
@@ -71,9 +72,7 @@ def parity_status_markdown(root: str | Path | None = None) -> str:
         return (f"*No parity rows in `{root}` when these pages were built: run `samenet parity "
                 "--backends all --models all` (rows go to `results/parity/`), then rebuild.*")
     head = ["backend", "workers", "rows", "pass", "fp32-bound", "mismatch", "other", "measured", "not passing"]
-    out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for _, r in status.iterrows():
-        out.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in head) + " |")
+    out = markdown_table(head, status[head].astype(str).values.tolist())
     return "\n".join(out) + f"\n\n*Generated from the {len(rows)} parity rows of `{root}` (newest per backend and model).*"
 
 

@@ -23,14 +23,17 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def cpu_model() -> str:
+def _cpuinfo() -> list[tuple[str, str]]:
+    """/proc/cpuinfo as (key, value) pairs; empty where there is none."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return []
+    return [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in text.splitlines())]
+
+
+def cpu_model() -> str:
+    return next((v for k, v in _cpuinfo() if k == "model name"), None) or platform.processor() or platform.machine()
 
 
 # The instruction-set extensions that decide which kernels a framework can use: bf16 and int8
@@ -42,15 +45,7 @@ CPU_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16"
 
 def cpu_isa() -> str:
     """The extensions of CPU_ISA this CPU has, comma-separated ('' where /proc/cpuinfo says nothing)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags |= set(value.split())
+    flags = {f for k, v in _cpuinfo() if k in ("flags", "Features") for f in v.split()}
     return ",".join(f for f in CPU_ISA if f in flags)
 
 

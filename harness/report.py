@@ -597,6 +597,13 @@ def _md_cell(v) -> str:
     return _md_text(v).replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_table(columns, rows, right=()) -> list[str]:
+    """A pipe table's lines, cells escaped as the rest of the Markdown (``right``: right-aligned columns)."""
+    return ["| " + " | ".join(_md_cell(c) for c in columns) + " |",
+            "|" + "|".join(" ---: " if c in right else " --- " for c in columns) + "|",
+            *("| " + " | ".join(_md_cell(v) for v in r) + " |" for r in rows)]
+
+
 def write_markdown(blocks: list, path: Path) -> Path:
     """Markdown with pipe tables; each plot is written as a PNG file next to it."""
     out = []
@@ -607,9 +614,7 @@ def write_markdown(blocks: list, path: Path) -> Path:
             out.append(f"{_md_text(b.text)}\n")
         elif isinstance(b, Table):
             out.append(f"**{_md_text(b.title)}**\n")
-            out.append("| " + " | ".join(_md_cell(c) for c in b.columns) + " |")
-            out.append("|" + "|".join(" ---: " if c in b.right else " --- " for c in b.columns) + "|")
-            out += ["| " + " | ".join(_md_cell(v) for v in r) + " |" for r in b.rows]
+            out += markdown_table(b.columns, b.rows, b.right)
             out.append("")
             if b.caption:
                 out.append(f"_{_md_text(b.caption)}_\n")

@@ -467,10 +467,9 @@ def parity_status(df):
     out = []
     for (backend, workers), g in df.groupby(["backend", "workers"], sort=True):
         counts = g["status"].value_counts()
-        dates = pd.to_datetime(g["timestamp"], utc=True) if "timestamp" in g else pd.Series(dtype="datetime64[ns, UTC]")
-        first, last = (dates.min(), dates.max()) if len(dates.dropna()) else (None, None)
-        measured = "" if first is None else (f"{first:%Y-%m-%d}" if f"{first:%Y-%m-%d}" == f"{last:%Y-%m-%d}"
-                                             else f"{first:%Y-%m-%d} to {last:%Y-%m-%d}")
+        days = sorted({f"{d:%Y-%m-%d}" for d in pd.to_datetime(g["timestamp"], utc=True).dropna()}
+                      if "timestamp" in g else ())
+        measured = " to ".join(dict.fromkeys(days[:1] + days[-1:]))  # one day, or the first to the last
         notes = []
         for _, r in g[g["status"] != "pass"].sort_values("model").iterrows():
             ratio = r.get("train_worst_ratio")
